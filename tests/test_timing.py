@@ -32,8 +32,10 @@ PREFIXES = [
     "",
     "2026-12-03T18:40:01.123456789 [anonymous-instance:fc_vcpu 0] ",
     "2026-12-03T18:40:01.123456789 [anonymous-instance:fc_vcpu 0:INFO] ",
-    "2026-12-03T18:40:01.123456789 [vm1:fc_vcpu 0:INFO:"
-    "src/vmm/src/devices/pseudo/boot_timer.rs:41] ",
+    (
+        "2026-12-03T18:40:01.123456789 [vm1:fc_vcpu 0:INFO:"
+        "src/vmm/src/devices/pseudo/boot_timer.rs:41] "
+    ),
     "2026-12-03T18:40:01.1 [vm_2:main:Info:src/vmm/src/lib.rs:7] ",
 ]
 

@@ -394,3 +394,42 @@ def test_baseline_command_line_round_trip(
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "baseline:" in out
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_figures_render_and_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every figure renders from a sweep-shaped frame and saves a PNG."""
+    from helpers import plots
+
+    monkeypatch.setenv("FCLAB_BUILD", str(tmp_path))
+    rng = np.random.default_rng(6)
+    parts = []
+    for vcpus, mem in [(1, 128), (2, 2048)]:
+        for mode in ("serial", "parallel"):
+            df = frame(rng.normal(3000, 100, 4), vcpus=vcpus, mem_mib=mem,
+                       mode=mode)
+            df["boot_timer_host_ms"] = df["boot_timer_ms"] + 30
+            df["spawn_to_api_ms"] = 300.0
+            df["configure_ms"] = 50.0
+            df["start_to_ready_ms"] = df["boot_timer_host_ms"] + 700
+            df["launch_to_ready_ms"] = df["start_to_ready_ms"] + 350
+            df["vmm_rss_kib"] = 150_000.0 + mem * 50
+            df["error"] = None
+            parts.append(df)
+    runs = pd.concat(parts, ignore_index=True)
+    table = plots.breakdown_table(runs)
+    assert list(table.index.get_level_values("mode")[:2]) == [
+        "serial", "parallel"]
+    row = table.loc[(1, 128, "serial")]
+    assert row.sum() == pytest.approx(
+        runs.query("vcpus == 1 and mode == 'serial'")[
+            "launch_to_ready_ms"].median())
+    for name, fig in [("cdf", plots.cdf(runs)),
+                      ("breakdown", plots.time_breakdown(runs)),
+                      ("published", plots.published_comparison(runs)),
+                      ("memory", plots.memory_cost(runs))]:
+        path = plots.save_figure(fig, name)
+        assert path == tmp_path / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(plots.published_table()) == len(plots.PUBLISHED) + 1

@@ -248,7 +248,7 @@ fail "switch_root to $init"
 
 ROOTFS_RCS = r"""#!/bin/sh
 # Start-up of the guest: report the boot to the VMM, name the host after
-# the task, configure eth0, serve a web page, then say it is ready.
+# the task, configure eth0, serve a web page and note that it is ready.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 set -f
 
@@ -330,7 +330,8 @@ printf '<!doctype html>\n<title>%s</title>\n<h1>Hello from task %s</h1>\n' \
     "$task" "$task" > /run/www/index.html
 httpd -p 80 -h /run/www || echo "fclab-init: the web server did not start"
 
-echo "@READY_MARKER@ task=$task ip=${addr:-none}"
+# The console script prints this line once its shell can take commands.
+echo "@READY_MARKER@ task=$task ip=${addr:-none}" > /run/fclab-ready
 """
 
 ROOTFS_RCK = r"""#!/bin/sh
@@ -349,16 +350,32 @@ ROOTFS_INITTAB = """\
 # Busybox init: start-up script, a root shell on the console, and a clean
 # stop on Ctrl-Alt-Del or "reboot" (with reboot=k the VMM then exits).
 ::sysinit:/etc/init.d/rcS
-::respawn:/bin/cttyhack /bin/sh -l
+::respawn:/bin/cttyhack /etc/init.d/console
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/etc/init.d/rcK
+"""
+
+ROOTFS_CONSOLE = r"""#!/bin/sh
+# The console's shell. With fclab.console=raw the terminal stops echoing
+# and the prompt is empty, so busybox reads plain lines and the console
+# carries only what commands print (for a program driving it). The
+# readiness line comes first, once per boot, when typed commands can no
+# longer get lost.
+case " $(cat /proc/cmdline) " in
+    *" fclab.console=raw "*) stty -echo; export FCLAB_CONSOLE=raw ;;
+esac
+if [ -f /run/fclab-ready ]; then
+    cat /run/fclab-ready
+    rm -f /run/fclab-ready
+fi
+exec /bin/sh -l
 """
 
 ROOTFS_PROFILE = """\
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 export HOME=/root
 cd /root 2>/dev/null
-PS1='\\h:\\w# '
+if [ "$FCLAB_CONSOLE" = raw ]; then PS1=''; else PS1='\\h:\\w# '; fi
 """
 
 ROOTFS_PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
@@ -389,6 +406,7 @@ def guest_scripts() -> tuple[tuple[str, str], ...]:
         ("initrd:init", _fill(INITRD_INIT)),
         ("rootfs:etc/init.d/rcS", _fill(ROOTFS_RCS)),
         ("rootfs:etc/init.d/rcK", ROOTFS_RCK),
+        ("rootfs:etc/init.d/console", ROOTFS_CONSOLE),
         ("rootfs:etc/inittab", ROOTFS_INITTAB),
         ("rootfs:etc/profile", ROOTFS_PROFILE),
         ("rootfs:etc/passwd", ROOTFS_PASSWD),
@@ -427,39 +445,48 @@ def _run(
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace").strip()[-800:]
         raise GuestBuildError(
-            f"{' '.join(cmd)} failed with exit code {done.returncode}: "
-            f"{tail}"
+            f"{' '.join(cmd)} failed with exit code {done.returncode}: {tail}"
         )
     return done.stdout
 
 
-def _apt_record(package: str) -> PackageRecord:
-    """Return the candidate version of *package* from the apt index."""
-    text = _run(["apt-cache", "show", "--no-all-versions", package])
-    fields: dict[str, str] = {}
-    for line in text.decode().splitlines():
-        name, sep, value = line.partition(":")
-        if sep and not line.startswith(" ") and name not in fields:
-            fields[name] = value.strip()
-    missing = {"Version", "SHA256", "Filename"} - fields.keys()
+def apt_records(*packages: str) -> dict[str, PackageRecord]:
+    """Return the candidate version of each package from the apt index."""
+    text = _run(["apt-cache", "show", "--no-all-versions", *packages])
+    records: dict[str, PackageRecord] = {}
+    for paragraph in text.decode().split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and not line.startswith(" ") and name not in fields:
+                fields[name] = value.strip()
+        if {"Package", "Version", "SHA256", "Filename"} <= fields.keys():
+            records.setdefault(
+                fields["Package"],
+                PackageRecord(
+                    fields["Package"],
+                    fields["Version"],
+                    fields["SHA256"],
+                    fields["Filename"],
+                ),
+            )
+    missing = set(packages) - records.keys()
     if missing:
         raise GuestBuildError(
-            f"apt knows no downloadable version of {package}; "
+            f"apt knows no downloadable version of {', '.join(missing)}; "
             "run 'apt-get update' and build again"
         )
-    return PackageRecord(
-        package, fields["Version"], fields["SHA256"], fields["Filename"]
-    )
+    return records
 
 
-def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> PackageRecord:
-    """Resolve the kernel metapackage to the versioned kernel package."""
+def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> str:
+    """Return the versioned kernel package a metapackage depends on."""
     text = _run(["apt-cache", "depends", meta]).decode()
     for line in text.splitlines():
         kind, _, name = line.strip().partition(":")
         name = name.strip()
         if kind.endswith("Depends") and name.startswith("linux-image-"):
-            return _apt_record(name)
+            return name
     raise GuestBuildError(
         f"{meta} depends on no linux-image package here; "
         "run 'apt-get update' and build again"
@@ -468,9 +495,11 @@ def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> PackageRecord:
 
 def resolve_inputs() -> GuestInputs:
     """Look up every input of the build in the local apt index."""
+    kernel = resolve_kernel_package()
+    records = apt_records(kernel, BUSYBOX_PACKAGE)
     return GuestInputs(
-        kernel=resolve_kernel_package(),
-        busybox=_apt_record(BUSYBOX_PACKAGE),
+        kernel=records[kernel],
+        busybox=records[BUSYBOX_PACKAGE],
         scripts=guest_scripts(),
     )
 
@@ -536,9 +565,7 @@ def decompress_payload(payload: bytes) -> bytes:
         # wbits 16 + MAX_WBITS: gzip wrapper; trailing bytes are ignored.
         return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
     if payload.startswith(_XZ_MAGIC):
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(
-            payload
-        )
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     if payload.startswith(_ZSTD_MAGIC):
         return _run(["zstd", "-dcq"], input=payload)
     raise GuestBuildError(
@@ -684,10 +711,19 @@ def write_newc(entries: Iterable[CpioEntry]) -> bytes:
         """Write one header, name and body."""
         name = entry.name.encode() + b"\0"
         fields = (
-            ino, entry.mode, 0, 0,  # inode, mode, uid, gid
+            ino,
+            entry.mode,
+            0,
+            0,  # inode, mode, uid, gid
             2 if stat.S_ISDIR(entry.mode) else 1,  # links
-            0, len(entry.data), 0, 0,  # mtime, size, dev major, minor
-            entry.rdev[0], entry.rdev[1], len(name), 0,  # rdev, name, crc
+            0,
+            len(entry.data),
+            0,
+            0,  # mtime, size, dev major, minor
+            entry.rdev[0],
+            entry.rdev[1],
+            len(name),
+            0,  # rdev, name, crc
         )
         out.write(_CPIO_MAGIC + b"".join(b"%08X" % f for f in fields))
         out.write(name)
@@ -750,12 +786,23 @@ def build_initrd(
     init: str,
 ) -> bytes:
     """Return the gzip-compressed newc initrd."""
-    dirs = ["bin", "dev", "etc", "lib", INITRD_MODULE_DIR, "newroot",
-            "proc", "sys"]
+    dirs = [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        INITRD_MODULE_DIR,
+        "newroot",
+        "proc",
+        "sys",
+    ]
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755) for d in dirs]
     entries.append(
-        CpioEntry("dev/console", stat.S_IFCHR | 0o600,
-                  rdev=(_CONSOLE_MAJOR, _CONSOLE_MINOR))
+        CpioEntry(
+            "dev/console",
+            stat.S_IFCHR | 0o600,
+            rdev=(_CONSOLE_MAJOR, _CONSOLE_MINOR),
+        )
     )
     entries.append(
         CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
@@ -767,16 +814,20 @@ def build_initrd(
     order_lines = []
     for name, image in modules:
         entries.append(
-            CpioEntry(f"{INITRD_MODULE_DIR}/{name}.ko",
-                      stat.S_IFREG | 0o644, image)
+            CpioEntry(
+                f"{INITRD_MODULE_DIR}/{name}.ko", stat.S_IFREG | 0o644, image
+            )
         )
         flag = ""
         if name == "virtio_mmio" and mmio_devices:
             flag = " " + CMDLINE_DEVICES_FLAG
         order_lines.append(name + flag + "\n")
     entries.append(
-        CpioEntry(INITRD_MODULE_LIST, stat.S_IFREG | 0o644,
-                  "".join(order_lines).encode())
+        CpioEntry(
+            INITRD_MODULE_LIST,
+            stat.S_IFREG | 0o644,
+            "".join(order_lines).encode(),
+        )
     )
     entries.append(CpioEntry("init", stat.S_IFREG | 0o755, init.encode()))
     return gzip.compress(write_newc(entries), compresslevel=9, mtime=0)
@@ -802,8 +853,21 @@ def populate_rootfs(
     release: str,
 ) -> None:
     """Lay out the root file system's files under *tree*."""
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "dev",
-              "proc", "sys", "run", "tmp", "root", "data", "var"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/init.d",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "data",
+        "var",
+    ):
         (tree / d).mkdir(parents=True, exist_ok=True)
     (tree / "tmp").chmod(0o1777)
     (tree / "data").chmod(0o1777)
@@ -831,12 +895,29 @@ def make_ext4(tree: Path, image: Path, size_mib: int, key: str) -> None:
     """Make an ext4 image of *tree* without root and without mounting."""
     # 4 KiB blocks and 256-byte inodes, as on bigger disks: mke2fs would
     # pick 1 KiB blocks and 128-byte inodes (2038 timestamps) this small.
-    _run([
-        "mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-m", "0",
-        "-L", "fclab-root", "-U", str(uuid.UUID(key.ljust(32, "0"))),
-        "-E", "root_owner=0:0", "-d", str(tree), str(image),
-        f"{size_mib}M",
-    ])
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-m",
+            "0",
+            "-L",
+            "fclab-root",
+            "-U",
+            str(uuid.UUID(key.ljust(32, "0"))),
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(tree),
+            str(image),
+            f"{size_mib}M",
+        ]
+    )
     if os.getuid() != 0:
         _chown_to_root(tree, image)
 
@@ -893,8 +974,13 @@ def _build_set(inputs: GuestInputs, cache: Path, work: Path) -> Path:
         for name, img in modules
     )
     (out / INITRD_NAME).write_bytes(
-        build_initrd(busybox, applets, modules, mmio_devices,
-                     _script_text(inputs, "initrd:init"))
+        build_initrd(
+            busybox,
+            applets,
+            modules,
+            mmio_devices,
+            _script_text(inputs, "initrd:init"),
+        )
     )
 
     log.info("building the %d MiB ext4 root file system", inputs.rootfs_mib)
@@ -908,8 +994,10 @@ def _build_set(inputs: GuestInputs, cache: Path, work: Path) -> Path:
         "inputs": dataclasses.asdict(inputs),
         "modules": [name for name, _ in modules],
         "files": {
-            name: {"size": (out / name).stat().st_size,
-                   "sha256": _sha256(out / name)}
+            name: {
+                "size": (out / name).stat().st_size,
+                "sha256": _sha256(out / name),
+            }
             for name in (KERNEL_NAME, INITRD_NAME, ROOTFS_NAME)
         },
     }

@@ -68,6 +68,10 @@ TAIL_LINES = 25
 READY_PATTERN = re.compile(
     re.escape(READY_MARKER) + r" task=(?P<task>\S+) ip=(?P<ip>\S+)")
 
+# Terminal control sequences the guest's shell writes (such as its
+# cursor-position query); they carry nothing a reader wants.
+_CONTROL_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
 # A Firecracker instance id: letters, digits and "-", at most 64 long.
 _VM_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
@@ -446,7 +450,7 @@ class MicroVM:
         try:
             for raw in iter(stream.readline, b""):
                 text = raw.decode("utf-8", "replace").rstrip("\r\n")
-                text = text.replace("\r", "")
+                text = _CONTROL_SEQUENCE.sub("", text)
                 with self._cond:
                     self.lines.append((time.monotonic(), text))
                     self._cond.notify_all()

@@ -630,20 +630,22 @@ def _config_calls_ms(vm: Any) -> float | None:
     return total * MS_PER_S
 
 
+# The emulator logs "Accelerator: KVM (...)" or "Accelerator: TCG (...)"
+# when it handles InstanceStart, after probing whether KVM runs guests.
+_ACCEL_LINE = re.compile(r"Accelerator: (?P<accel>[A-Za-z]+)\b")
+
+
 def acceleration(vm: Any) -> str:
-    """Return "KVM" or "TCG" for a running VMM, or "unknown"."""
+    """Return "KVM" or "TCG" for a started VMM, or "unknown"."""
     choice = getattr(vm, "backend", None)
     name = str(getattr(choice, "name", choice) or "").lower()
     if name == "firecracker":
         # Firecracker runs only on KVM.
         return "KVM"
-    accel = getattr(choice, "accel", None)
-    if accel:
-        return str(accel).upper()
-    reason = str(getattr(choice, "reason", "")).lower()
-    for word in ("tcg", "kvm"):
-        if word in reason:
-            return word.upper()
+    for _, text in list(getattr(vm, "lines", ())):
+        m = _ACCEL_LINE.search(text)
+        if m is not None:
+            return m["accel"].upper()
     return "unknown"
 
 
@@ -901,11 +903,15 @@ def sweep(
     timeout: float = 180.0,
     progress: bool = True,
     host: HostInfo | None = None,
+    warmup: int = 1,
 ) -> pd.DataFrame:
     """Boot every configuration serially, then *parallel* at a time.
 
-    Configurations the host cannot hold are dropped (and logged). Every
-    row carries the backend, acceleration, host and guest description.
+    Configurations the host cannot hold are dropped (and logged). First
+    *warmup* boots are made and thrown away: the first boot on a host pays
+    one-off costs (a cold page cache, the emulator's KVM probe) that say
+    nothing about boot time. Every row carries the backend, acceleration,
+    host and guest description.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -920,10 +926,17 @@ def sweep(
         log.warning("skipping configuration %s", reason)
     modes = [("serial", 1)] + ([("parallel", parallel)] if parallel > 1
                                else [])
-    total = n_boots * len(kept) * len(modes)
+    total = n_boots * len(kept) * len(modes) + (warmup if kept else 0)
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="boots", unit="boot",
               disable=not progress) as bar:
+        if kept and warmup > 0:
+            bar.set_postfix_str("warm-up")
+            for _ in range(warmup):
+                rec = _one_boot(guest, *kept[0], backend, timeout)
+                log.info("warm-up boot: boot timer %s ms, error %s",
+                         rec.boot_timer_ms, rec.error)
+                bar.update(1)
         for vcpus, mem in kept:
             for mode, k in modes:
                 bar.set_postfix_str(f"{vcpus} vCPU {mem} MiB {mode}")

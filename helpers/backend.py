@@ -61,6 +61,8 @@ class BackendChoice:
     name: str
     argv: tuple[str, ...]
     reason: str
+    # Variables added to the VMM's environment (name, value).
+    env: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         """Name and reason, for the notebook to print."""
@@ -109,19 +111,28 @@ def emulator_argv() -> tuple[str, ...]:
     return (sys.executable, "-m", "firecracker_emulator")
 
 
-def _emulator_installed() -> bool:
-    """Whether the emulator package can be found (without importing it)."""
-    return importlib.util.find_spec("firecracker_emulator") is not None
+def emulator_env() -> tuple[tuple[str, str], ...]:
+    """PYTHONPATH that lets the VMM's interpreter find the emulator.
+
+    The package may be importable here only through the current
+    directory (a source checkout without install); the VMM runs in its
+    own working directory, so it gets the package's folder explicitly.
+    """
+    spec = importlib.util.find_spec("firecracker_emulator")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError(
+            "the emulator package firecracker_emulator is not importable: "
+            "run `make setup` (or `pip install -e .`)."
+        )
+    folder = str(Path(next(iter(spec.submodule_search_locations))).parent)
+    paths = [folder, *filter(None, os.environ.get(
+        "PYTHONPATH", "").split(os.pathsep))]
+    return (("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths))),)
 
 
 def _use_emulator(why: str) -> BackendChoice:
     """Return the emulator choice, or fail if it is not installed."""
-    if not _emulator_installed():
-        raise BackendError(
-            f"{why}, and the emulator package firecracker_emulator is not "
-            "importable: run `make setup` (or `pip install -e .`)."
-        )
-    return BackendChoice(EMULATOR, emulator_argv(), why)
+    return BackendChoice(EMULATOR, emulator_argv(), why, emulator_env())
 
 
 def choose_backend(requested: str = "auto") -> BackendChoice:

@@ -360,6 +360,7 @@ class MicroVM:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=self.workdir,
+                env={**os.environ, **dict(self.backend.env)},
                 start_new_session=True)
         except OSError as exc:
             raise LaunchError(

@@ -110,6 +110,17 @@ _CONSOLE_MAJOR, _CONSOLE_MINOR = 5, 1
 # How long an apt or mkfs command may take before the build gives up.
 _COMMAND_TIMEOUT_S = 600
 
+# The Debian package providing each program the build runs.
+_TOOL_PACKAGES = {
+    "apt-cache": "apt",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+    "lz4": "lz4",
+    "zstd": "zstd",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+}
+
 
 class GuestBuildError(LabError):
     """Building the guest images failed; the message says what to do."""
@@ -433,9 +444,10 @@ def _run(
             check=False,
         )
     except FileNotFoundError as exc:
+        package = _TOOL_PACKAGES.get(cmd[0], cmd[0])
         raise GuestBuildError(
-            f"{cmd[0]} is not installed; install it (Debian package "
-            f"providing {cmd[0]}) and build again"
+            f"{cmd[0]} is missing; install it ('apt-get install {package}') "
+            "and build again"
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise GuestBuildError(
@@ -577,7 +589,8 @@ def decompress_payload(payload: bytes) -> bytes:
 def extract_vmlinux(bzimage: bytes) -> bytes:
     """Return the uncompressed ELF kernel carried inside a bzImage."""
     setup_sects = bzimage[_SETUP_SECTS_OFFSET] or _DEFAULT_SETUP_SECTS
-    offset, length = struct.unpack_from("<II", bzimage, _PAYLOAD_OFFSET_FIELD)
+    (offset,) = struct.unpack_from("<I", bzimage, _PAYLOAD_OFFSET_FIELD)
+    (length,) = struct.unpack_from("<I", bzimage, _PAYLOAD_LENGTH_FIELD)
     start = (setup_sects + 1) * _SECTOR + offset
     if length == 0 or start + length > len(bzimage):
         raise GuestBuildError(

@@ -440,12 +440,12 @@ class _Http:
         try:
             with os.fdopen(fd, "wb") as out:
                 actual, count = self._stream(url, out, dest.name, hint)
+            if expected is not None and actual != expected:
+                raise ChecksumError(url, expected, actual)
             if size is not None and count != size:
                 raise DownloadError(
                     url, f"received {count} bytes, expected {size}", hint
                 )
-            if expected is not None and actual != expected:
-                raise ChecksumError(url, expected, actual)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except BaseException:
@@ -637,9 +637,16 @@ def _unpack_release(
 
 
 def _release_files(
-    folder: Path, sums: dict[str, str], version: str, arch: str
+    folder: Path,
+    sums: dict[str, str],
+    version: str,
+    arch: str,
+    checksums: _Checksums,
 ) -> dict[str, tuple[Path, str]]:
-    """Return role → (path, sha256) for the binaries and the API spec."""
+    """Return role → (path, sha256) for the binaries and the API spec.
+
+    Checksums verified against SHA256SUMS are remembered as they are.
+    """
     names = {
         "firecracker": f"firecracker-v{version}-{arch}",
         "jailer": f"jailer-v{version}-{arch}",
@@ -656,7 +663,11 @@ def _release_files(
                 )
             log.info("the release has no %s", name)
             continue
-        digest = sums.get(name) or sha256_file(path)
+        digest = sums.get(name)
+        if digest:
+            checksums.remember(path, digest)
+        else:
+            digest = checksums.sha256(path)
         out[role] = (path, digest)
     return out
 
@@ -814,8 +825,13 @@ def _tree_usage(tree: Path) -> tuple[int, int]:
     return total, entries
 
 
-def ext4_size(content_bytes: int, min_bytes: int = MIN_ROOTFS_BYTES) -> int:
-    """Return the image size for *content_bytes* of files, with margin."""
+def ext4_size(content_bytes: int, min_bytes: int | None = None) -> int:
+    """Return the image size for *content_bytes* of files, with margin.
+
+    *min_bytes* defaults to MIN_ROOTFS_BYTES.
+    """
+    if min_bytes is None:
+        min_bytes = MIN_ROOTFS_BYTES
     wanted = int(content_bytes * ROOTFS_GROWTH) + ROOTFS_SLACK_BYTES
     rounded = -(-wanted // ROOTFS_ROUND_BYTES) * ROOTFS_ROUND_BYTES
     return max(min_bytes, rounded)
@@ -825,7 +841,7 @@ def squashfs_to_ext4(
     squashfs: Path,
     dest: Path,
     *,
-    min_bytes: int = MIN_ROOTFS_BYTES,
+    min_bytes: int | None = None,
     label: str = "rootfs",
 ) -> Path:
     """Repack a squashfs image as a sparse ext4 image at *dest*.
@@ -984,7 +1000,9 @@ def _fetch_official(
         tarball = folder / name
         tar_sha = http.download(url, tarball, sha256=expected, hint=hint)
         unpacked, sums = _unpack_release(tarball, version, arch, url)
-        release = _release_files(unpacked, sums, version, arch)
+        release = _release_files(
+            unpacked, sums, version, arch, checksums
+        )
 
         # The guest: the newest CI kernel and Ubuntu image.
         (kkey, ksize), (ukey, usize) = find_ci_guest(
@@ -1114,7 +1132,7 @@ def _fetch_mirror(
         unpacked, inner = _unpack_release(
             paths["release"], held, arch, f"{base_url} release"
         )
-        release = _release_files(unpacked, inner, held, arch)
+        release = _release_files(unpacked, inner, held, arch, checksums)
     artifacts = Artifacts(
         source="mirror",
         version=held if release else None,
@@ -1216,15 +1234,23 @@ def fetch_artifacts(
 
 
 def _copy_sparse(source: Path, dest: Path) -> str:
-    """Copy a file, keeping runs of zeros as holes; return its SHA-256."""
+    """Copy a file, leaving 4 KiB blocks of zeros as holes; return SHA-256.
+
+    Ext4 images are mostly empty: the copy takes no more disk than the
+    original (and a mirror of a 1 GiB image costs megabytes).
+    """
     digest = hashlib.sha256()
+    zeros = bytes(EXT4_BLOCK)
     with source.open("rb") as src, dest.open("wb") as out:
         while chunk := src.read(CHUNK_BYTES):
             digest.update(chunk)
-            if chunk.count(0) == len(chunk):
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
-                out.write(chunk)
+            view = memoryview(chunk)
+            for start in range(0, len(view), EXT4_BLOCK):
+                block = view[start:start + EXT4_BLOCK]
+                if block == zeros[:len(block)]:
+                    out.seek(len(block), os.SEEK_CUR)
+                else:
+                    out.write(block)
         out.truncate()
     return digest.hexdigest()
 

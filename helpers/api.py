@@ -116,6 +116,16 @@ class ApiCall:
         """Whether the VMM answered with a 2xx status."""
         return self.status is not None and 200 <= self.status < 300
 
+    def summary(self) -> dict[str, Any]:
+        """Method, path, status and latency in ms, for a table row."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status if self.status is not None else "none",
+            "latency_ms": (round(self.latency_s * 1000, 2)
+                           if self.latency_s is not None else None),
+        }
+
     def body_text(self) -> str | None:
         """Return the request body as the JSON text that was sent."""
         if self.body is None:

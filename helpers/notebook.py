@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from helpers.errors import LabError
 from helpers.paths import build_dir
@@ -27,8 +27,6 @@ RECORD_ENV = "FCLAB_RECORD"
 
 # Set by Jupyter to the notebook's path; names the default record file.
 SESSION_ENV = "JPY_SESSION_NAME"
-
-T = TypeVar("T")
 
 # Record files this process has started: the first write of a run
 # replaces the file, so keys from an earlier run never linger.
@@ -101,8 +99,8 @@ def record_path(notebook: str | None = None) -> Path:
     return build_dir() / "records" / f"{notebook}.json"
 
 
-def record(key: str, value: T, *, notebook: str | None = None) -> T:
-    """Store *value* under *key* in the record file; return *value*."""
+def record(key: str, value: Any, *, notebook: str | None = None) -> None:
+    """Store *value* (JSON-ready) under *key* in the record file."""
     path = record_path(notebook)
     data: dict[str, Any] = {}
     if path in _started and path.exists():
@@ -123,4 +121,3 @@ def record(key: str, value: T, *, notebook: str | None = None) -> T:
         raise
     _started.add(path)
     log.debug("recorded %s in %s", key, path)
-    return value

@@ -83,17 +83,13 @@ BUILD_ENV = "FCLAB_BUILD"
 BACKEND_PARAMETER = "BACKEND"
 DEFAULT_BACKEND = "auto"
 
-# Small sizes for tests and CI: enough boots to draw a distribution and
-# compare two groups, few enough to finish in minutes under TCG. A name
-# reaches only the notebooks whose parameters cell declares it.
+# Small sizes for tests and CI: two boots of the smallest configuration
+# per mode draw every table and plot, and finish in minutes under TCG.
+# A name reaches only the notebooks whose parameters cell declares it.
 QUICK_PARAMETERS: dict[str, Any] = {
     "N_BOOTS": 2,
-    "N_TASKS": 2,
-    "N_VMS": 2,
-    "REPEATS": 2,
     "CONFIGS": [[1, 128]],
-    "MEM_MIB": 128,
-    "VCPUS": 1,
+    "WARMUP": 0,
 }
 
 # A cell booting guests under TCG can take minutes; one still running
@@ -138,6 +134,9 @@ OFFLINE_TEMPLATE = """\
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_css -%}
+<link rel="icon" href="data:,">
+{%- endblock html_head_css -%}
 {%- block footer_js -%}
 <script src="{{ resources.reveal.url_prefix }}/dist/reveal.js"></script>
 <script src="{{ resources.reveal.url_prefix }}/plugin/notes/notes.js">
@@ -173,10 +172,13 @@ class ParameterError(SeriesError):
 class NotebookFailed(SeriesError):
     """A notebook of the series stopped with an error."""
 
-    def __init__(self, message: str, notebook: Path, output: Path) -> None:
+    def __init__(
+        self, message: str, notebook: Path, output: Path, seconds: float
+    ) -> None:
         super().__init__(message)
         self.notebook = notebook
         self.output = output
+        self.seconds = seconds
 
 
 class SlidesError(SeriesError):
@@ -380,6 +382,16 @@ def series_parameters(
     }
 
 
+def _as_papermill_value(value: Any) -> Any:
+    """*value* with tuples as lists: papermill would inject a tuple as
+    the string of its repr."""
+    if isinstance(value, tuple | list):
+        return [_as_papermill_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_papermill_value(v) for k, v in value.items()}
+    return value
+
+
 def pick_kernel() -> str:
     """Return the project's kernel when registered and usable."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -485,7 +497,9 @@ def execute_notebook(
         with _environment(env):
             papermill.execute_notebook(
                 notebook, output,
-                parameters=dict(parameters) or None,
+                parameters={
+                    k: _as_papermill_value(v) for k, v in parameters.items()
+                } or None,
                 kernel_name=kernel,
                 cwd=notebook.parent,
                 progress_bar=False,
@@ -496,7 +510,8 @@ def execute_notebook(
             )
     except Exception as exc:
         raise NotebookFailed(
-            _describe_failure(notebook, output, exc), notebook, output
+            _describe_failure(notebook, output, exc), notebook, output,
+            time.monotonic() - start,
         ) from exc
     return NotebookRun(
         notebook, output, record, time.monotonic() - start, dict(parameters)
@@ -546,15 +561,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def timing_table(series: SeriesRun, failed: Path | None = None) -> str:
+def timing_table(
+    series: SeriesRun, failed: NotebookFailed | None = None
+) -> str:
     """Wall time per notebook and in total, as a table."""
     rows = [
         [r.notebook.name, f"{r.seconds:.1f}", "ok", str(r.recorded)]
         for r in series.runs
     ]
+    total = series.seconds
     if failed is not None:
-        rows.append([failed.name, "-", "FAILED", "-"])
-    rows.append(["total", f"{series.seconds:.1f}", "", ""])
+        rows.append([failed.notebook.name, f"{failed.seconds:.1f}",
+                     "FAILED", "-"])
+        total += failed.seconds
+    rows.append(["total", f"{total:.1f}", "", ""])
     return format_table(["notebook", "seconds", "status", "records"], rows)
 
 
@@ -705,6 +725,7 @@ INDEX_TEMPLATE = """\
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<link rel="icon" href="data:,">
 <title>{title}</title>
 <style>
 body {{ font-family: sans-serif; max-width: 40em; margin: 3em auto;
@@ -923,6 +944,7 @@ def write_site(out: Path, artifacts: Artifacts | None = None) -> Path:
     page = out / "index.html"
     page.write_text(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<link rel=\"icon\" href=\"data:,\">"
         "<title>Firecracker Lab</title></head>\n<body><h1>Firecracker "
         f"Lab</h1>\n<ul>\n{items}\n</ul>\n</body></html>\n",
         encoding="utf-8",
@@ -1018,13 +1040,17 @@ def lab_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The command starting JupyterLab on the notebooks."""
-    return [
+    command = [
         sys.executable, "-m", "jupyterlab",
         f"--ServerApp.root_dir={root or NOTEBOOKS_DIR}",
         f"--ServerApp.port={port}",
         f"--ServerApp.open_browser={open_browser}",
-        *extra,
     ]
+    if os.geteuid() == 0:
+        # Containers and lab machines often run as root; Jupyter refuses
+        # that unless told, and there is no other user to switch to.
+        command.append("--ServerApp.allow_root=True")
+    return [*command, *extra]
 
 
 def lab_environment() -> dict[str, str]:
@@ -1115,7 +1141,8 @@ def _run_command(args: argparse.Namespace, out: Path) -> SeriesRun:
             args.quick, args.kernel, args.cell_timeout or None, done, series,
         )
     except NotebookFailed as exc:
-        print(timing_table(series, exc.notebook))
+        print()
+        print(timing_table(series, exc), flush=True)
         raise
     print()
     print(timing_table(series))

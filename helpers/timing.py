@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,22 +333,34 @@ def describe(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+# Serial boots come before parallel ones in tables, as a sweep runs them.
+_MODE_ORDER = {"serial": 0, "parallel": 1}
+
+
 def summarize(
     df: pd.DataFrame,
     metrics: Sequence[str] = SUMMARY_METRICS,
     by: Sequence[str] = GROUP_COLUMNS,
 ) -> pd.DataFrame:
-    """One row per group and metric: count, percentiles and spread."""
+    """One row per metric and group: count, percentiles and spread."""
     import pandas as pd
 
-    rows = []
     keys = [k for k in by if k in df.columns]
-    groups = df.groupby(keys, sort=True) if keys else [((), df)]
-    for key, part in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        for metric in metrics:
-            if metric not in part.columns:
-                continue
+    groups: list[tuple[tuple[Any, ...], pd.DataFrame]] = []
+    if keys:
+        for key, part in df.groupby(keys, sort=True):
+            groups.append((key if isinstance(key, tuple) else (key,), part))
+    else:
+        groups.append(((), df))
+    groups.sort(key=lambda item: tuple(
+        _MODE_ORDER.get(v, len(_MODE_ORDER)) if k == "mode" else v
+        for k, v in zip(keys, item[0])
+    ))
+    rows = []
+    for metric in metrics:
+        if metric not in df.columns:
+            continue
+        for key, part in groups:
             row: dict[str, Any] = dict(zip(keys, key))
             row["metric"] = metric
             row.update(describe(part[metric].tolist()))
@@ -914,7 +927,11 @@ def sweep(
     host and guest description.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    with warnings.catch_warnings():
+        # Without ipywidgets tqdm warns and draws a text bar: good enough.
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     host = host or host_info()
     wanted = [(int(c[0]), int(c[1])) for c in configs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from helpers.backend import (
 )
 from helpers.errors import LabError
 from helpers.images import GuestImages, build_guest
+from helpers.paths import REPO_ROOT
 from helpers.vm import (
     GuestCommandError,
     LaunchError,
@@ -210,6 +212,45 @@ def test_stale_socket_is_replaced_and_api_answers(
         assert any("API server started." in line for line in vm.tail(50))
         pids = _descendants(vm.pid or 0)
     assert_released(vm, pids)
+
+
+def test_keyboard_interrupt_releases_everything(
+    guest: GuestImages, emulator: BackendChoice, tmp_short: Path
+) -> None:
+    """Ctrl-C inside the block still stops the VMM and removes files."""
+    vm = MicroVM(guest.kernel, guest.rootfs, backend=emulator,
+                 workdir=tmp_short)
+    pids: list[int] = []
+
+    with pytest.raises(KeyboardInterrupt), vm:
+        vm.spawn()
+        pids = _descendants(vm.pid or 0)
+        raise KeyboardInterrupt
+
+    assert pids
+    assert_released(vm, pids)
+
+
+def test_forgotten_vm_is_released_when_python_exits(
+    guest: GuestImages, tmp_short: Path
+) -> None:
+    """A VM never closed (a notebook kernel that exits) leaves nothing."""
+    script = f"""
+import sys
+from helpers.vm import MicroVM
+vm = MicroVM({str(guest.kernel)!r}, {str(guest.rootfs)!r},
+             backend="emulator", workdir={str(tmp_short)!r})
+vm.spawn()
+print(vm.pid, vm.workdir, flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        timeout=120, check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    pid, workdir = done.stdout.split()
+    assert not alive(int(pid))
+    assert not Path(workdir).exists()
 
 
 def test_boot_args_carry_the_task(guest: GuestImages, tmp_short: Path) -> None:

@@ -148,6 +148,55 @@ _UBUNTU_KEY_RE = re.compile(r"/ubuntu-(\d+)\.(\d+)\.squashfs$")
 _DATED_PREFIX_RE = re.compile(r"^firecracker-ci/(\d{8})-[^/]+/$")
 
 
+# e_machine values of the architectures Firecracker runs guests on.
+ELF_MACHINES = {0x3E: "x86-64", 0xB7: "AArch64"}
+
+# Feature flags of the ext4 superblock: (field, bit, name as e2fsprogs
+# prints it). The fields sit at offsets 0x5C, 0x60 and 0x64.
+EXT4_FEATURES: tuple[tuple[str, int, str], ...] = (
+    ("compat", 0x1, "dir_prealloc"),
+    ("compat", 0x2, "imagic_inodes"),
+    ("compat", 0x4, "has_journal"),
+    ("compat", 0x8, "ext_attr"),
+    ("compat", 0x10, "resize_inode"),
+    ("compat", 0x20, "dir_index"),
+    ("compat", 0x200, "sparse_super2"),
+    ("compat", 0x400, "fast_commit"),
+    ("compat", 0x800, "stable_inodes"),
+    ("compat", 0x1000, "orphan_file"),
+    ("incompat", 0x1, "compression"),
+    ("incompat", 0x2, "filetype"),
+    ("incompat", 0x4, "needs_recovery"),
+    ("incompat", 0x8, "journal_dev"),
+    ("incompat", 0x10, "meta_bg"),
+    ("incompat", 0x40, "extent"),
+    ("incompat", 0x80, "64bit"),
+    ("incompat", 0x100, "mmp"),
+    ("incompat", 0x200, "flex_bg"),
+    ("incompat", 0x400, "ea_inode"),
+    ("incompat", 0x1000, "dirdata"),
+    ("incompat", 0x2000, "metadata_csum_seed"),
+    ("incompat", 0x4000, "large_dir"),
+    ("incompat", 0x8000, "inline_data"),
+    ("incompat", 0x10000, "encrypt"),
+    ("incompat", 0x20000, "casefold"),
+    ("ro_compat", 0x1, "sparse_super"),
+    ("ro_compat", 0x2, "large_file"),
+    ("ro_compat", 0x8, "huge_file"),
+    ("ro_compat", 0x10, "uninit_bg"),
+    ("ro_compat", 0x20, "dir_nlink"),
+    ("ro_compat", 0x40, "extra_isize"),
+    ("ro_compat", 0x100, "quota"),
+    ("ro_compat", 0x200, "bigalloc"),
+    ("ro_compat", 0x400, "metadata_csum"),
+    ("ro_compat", 0x1000, "read-only"),
+    ("ro_compat", 0x2000, "project"),
+    ("ro_compat", 0x4000, "shared_blocks"),
+    ("ro_compat", 0x8000, "verity"),
+    ("ro_compat", 0x10000, "orphan_present"),
+)
+
+
 class ArtifactError(LabError):
     """A VMM or guest file could not be fetched, checked or unpacked."""
 
@@ -283,6 +332,22 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def ext4_feature_names(
+    compat: int, incompat: int, ro_compat: int
+) -> list[str]:
+    """Name the feature bits of an ext4 superblock, as dumpe2fs does."""
+    fields = {"compat": compat, "incompat": incompat, "ro_compat": ro_compat}
+    names = [
+        name for field_name, bit, name in EXT4_FEATURES
+        if fields[field_name] & bit
+    ]
+    for field_name, value in fields.items():
+        known = sum(b for f, b, _ in EXT4_FEATURES if f == field_name)
+        if value & ~known:
+            names.append(f"{field_name}:{value & ~known:#x}")
+    return names
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -555,6 +556,28 @@ def test_squashfs_to_ext4_is_real_ext4(
     assert "hello" in debugfs(image, "ls /usr/bin")
     assert "usr/bin" in debugfs(image, "stat /bin")
     assert [p.name for p in tmp_path.iterdir()] == ["rootfs.ext4"]
+
+
+def test_feature_names_match_dumpe2fs(
+    squashfs_image: Path, tmp_path: Path,
+) -> None:
+    """Superblock feature bits decode to the names dumpe2fs prints."""
+    image = squashfs_to_ext4(squashfs_image, tmp_path / "rootfs.ext4")
+    with image.open("rb") as handle:
+        handle.seek(1024 + 0x5C)
+        flags = struct.unpack("<III", handle.read(12))
+    header = subprocess.run(
+        ["dumpe2fs", "-h", str(image)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    [line] = [
+        x for x in header.splitlines() if x.startswith("Filesystem features")
+    ]
+
+    assert artifacts.ext4_feature_names(*flags) == line.split(":")[1].split()
+    assert artifacts.ext4_feature_names(0, 0x80 | 0x40000000, 0) == [
+        "64bit", "incompat:0x40000000"
+    ]
 
 
 def test_broken_squashfs_leaves_nothing(tmp_path: Path) -> None:

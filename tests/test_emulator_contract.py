@@ -131,7 +131,9 @@ def _accepted_bodies(
     ]
 
 
-def test_accepted_bodies_validate(spec: dict[str, Any], tmp_path: Path) -> None:
+def test_accepted_bodies_validate(
+    spec: dict[str, Any], tmp_path: Path
+) -> None:
     """Every body the emulator accepted above matches the description."""
     kernel = tmp_path / "vmlinux"
     disk = tmp_path / "disk.img"

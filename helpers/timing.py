@@ -830,13 +830,24 @@ def cap_configs(
     return kept, dropped
 
 
-class _GuestLike(Protocol):
+class GuestLike(Protocol):
     """The parts of helpers.images.GuestImages a sweep uses."""
 
-    kernel: Path
-    initrd: Path
-    rootfs: Path
-    kernel_release: str
+    @property
+    def kernel(self) -> Path:
+        """The guest kernel image."""
+
+    @property
+    def initrd(self) -> Path:
+        """The initial RAM disk."""
+
+    @property
+    def rootfs(self) -> Path:
+        """The root filesystem image."""
+
+    @property
+    def kernel_release(self) -> str:
+        """The kernel's release string."""
 
 
 def _file_size(path: Path | str | None) -> int | None:
@@ -850,7 +861,7 @@ def _file_size(path: Path | str | None) -> int | None:
 
 
 def _one_boot(
-    guest: _GuestLike, vcpus: int, mem_mib: int, backend: str,
+    guest: GuestLike, vcpus: int, mem_mib: int, backend: str,
     timeout: float,
 ) -> BootRecord:
     """One measured boot; a deliberate lab error is kept in the record."""
@@ -866,7 +877,7 @@ def _one_boot(
 
 
 def run_boots(
-    guest: _GuestLike,
+    guest: GuestLike,
     *,
     n: int,
     parallel: int = 1,
@@ -907,7 +918,7 @@ def run_boots(
 
 
 def sweep(
-    guest: _GuestLike,
+    guest: GuestLike,
     *,
     n_boots: int = 10,
     parallel: int = 2,

@@ -49,7 +49,9 @@ def line_for(us: int, cpu_us: int, prefix: str = "") -> str:
 @pytest.mark.parametrize(
     "us,cpu_us", [(5, 3), (125_000, 7_999), (123_456_789, 98_765_432)]
 )
-def test_boot_timer_line_round_trips(prefix: str, us: int, cpu_us: int) -> None:
+def test_boot_timer_line_round_trips(
+    prefix: str, us: int, cpu_us: int
+) -> None:
     """Small, typical and huge values parse back, padded or not."""
     reading = parse_boot_timer_line(line_for(us, cpu_us, prefix) + "\n")
     assert (reading.wall_us, reading.cpu_us) == (us, cpu_us)

@@ -433,7 +433,7 @@ class MicroVM:
         return calls
 
     def start(self) -> ApiCall:
-        """Send InstanceStart; ``events['instance_start']`` is its send time."""
+        """Send InstanceStart, noting the send time as ``instance_start``."""
         self.events["instance_start"] = time.monotonic()
         return self.api.instance_start()
 

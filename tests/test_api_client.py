@@ -92,7 +92,8 @@ REQUESTS: dict[str, tuple[Call, str, str, Any]] = {
     ),
     "patch_drive": (
         lambda api: api.patch_drive("data", "/e.ext4"),
-        "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": "/e.ext4"},
+        "PATCH", "/drives/data",
+        {"drive_id": "data", "path_on_host": "/e.ext4"},
     ),
     "network_interface_minimal": (
         lambda api: api.put_network_interface("eth0", "tap0"),

@@ -15,7 +15,7 @@ from helpers.notebook import NoErrorRaised, expect_error, record
 from helpers.paths import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "02_boot.ipynb"
-SLIDE_TYPES = {"slide", "subslide", "fragment", "skip", "notes", "-"}
+SLIDE_TYPES = {"slide", "subslide", "fragment", "skip", "notes"}
 
 # Small and patient: the fewest resources, time for QEMU without KVM.
 PARAMETERS = {"VCPUS": 1, "MEM_MIB": 128, "BOOT_TIMEOUT": 300,

@@ -263,7 +263,9 @@ class QemuProcess:
         spawning from a short-lived request thread would kill QEMU when
         that thread ends.
         """
-        log.debug("QEMU command line: %s", " ".join(self.command))
+        import shlex
+
+        log.debug("QEMU command line: %s", shlex.join(self.command))
         self.started_ns = time.monotonic_ns()
         try:
             self.proc = subprocess.Popen(

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING
 
 from helpers.api import (
     DEFAULT_TIMEOUT_S,
@@ -37,6 +37,9 @@ from helpers.api import (
 from helpers.backend import BackendChoice, choose_backend
 from helpers.errors import LabError
 from helpers.guest import DEFAULT_BOOT_ARGS, READY_MARKER, TASK_ARG
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only
 
 log = logging.getLogger(__name__)
 

@@ -222,8 +222,8 @@ class Subnet:
             base + 1: "VPC router",
             base + 2: "Amazon DNS server",
             base + 3: "reserved by AWS for future use",
-            self.network.broadcast_address:
-                "broadcast address (a VPC has no broadcast; reserved)",
+            # A VPC carries no broadcast, yet AWS keeps the address.
+            self.network.broadcast_address: "broadcast (unused in a VPC)",
         }
 
     @property
@@ -430,6 +430,11 @@ def netns_pids(netns: str) -> list[int]:
     return sorted(pids)
 
 
+def process_running(pid: int) -> bool:
+    """True if process *pid* exists and has not exited."""
+    return not _is_zombie(pid)
+
+
 def _is_zombie(pid: int) -> bool:
     """True if *pid* has exited and waits to be reaped (or is gone)."""
     try:
@@ -503,6 +508,14 @@ def _forget_owner(netns: str, owner_dir: Path) -> None:
         pass
 
 
+def _remove_netns(netns: str, owner_dir: Path) -> None:
+    """Stop what runs in *netns*, then delete it (an exit-time fallback)."""
+    log.warning("removing namespace %s that was never closed", netns)
+    _stop_processes(netns_pids(netns), netns)
+    _run(["ip", "netns", "del", netns], check=False, hint="")
+    _forget_owner(netns, owner_dir)
+
+
 # ---------------------------------------------------------- task network
 
 
@@ -537,6 +550,8 @@ class TaskNetwork:
         self._privileges = privileges
         self._owner_dir = owner_dir
         self._created = False
+        self._finalizer: (
+            weakref.finalize[[str, Path], TaskNetwork] | None) = None
 
     def __repr__(self) -> str:
         """Name the task, namespace and address."""
@@ -614,6 +629,10 @@ class TaskNetwork:
                 if command.startswith("ip netns add"):
                     self._created = True
                     _OPEN[self.netns] = self
+                    # Also removed when the interpreter exits (a notebook
+                    # kernel shut down before its cleanup cell ran).
+                    self._finalizer = weakref.finalize(
+                        self, _remove_netns, self.netns, self._owner_dir)
                     _write_owner(self.netns, self._owner_dir)
         except BaseException:
             self.close()
@@ -628,6 +647,9 @@ class TaskNetwork:
         and had to be stopped (normally none: the VM closes first).
         """
         stopped: list[int] = []
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._created:
             stopped = _stop_processes(netns_pids(self.netns), self.netns)
             if os.path.exists(f"/run/netns/{self.netns}"):
@@ -771,6 +793,13 @@ class PingResult:
     def ok(self) -> bool:
         """True if at least one reply came back."""
         return self.received > 0
+
+    def summary(self) -> dict[str, Any]:
+        """The figures without the raw output, for a table or a record."""
+        return {"from": self.source, "to": self.address,
+                "sent": self.transmitted, "received": self.received,
+                "loss %": self.loss_percent, "rtt avg ms": self.rtt_avg_ms,
+                "ok": self.ok}
 
 
 _COUNTS_RE = re.compile(

@@ -31,15 +31,32 @@ DEFAULT_BOOT_ARGS = (
 
 _MAC = re.compile(r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
 
+# Linux interface names hold at most 15 bytes (IFNAMSIZ less the NUL).
+MAX_IFNAME = 15
+# ioctl(2) request and flags for attaching to a TAP device, as QEMU does:
+# TUNSETIFF with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+TUNSETIFF = 0x400454CA
+TAP_FLAGS = 0x0002 | 0x1000 | 0x4000
+
 
 class ActionError(EmulatorError):
     """A request that Firecracker would answer with 400 and this text."""
 
 
+# Firecracker is linked with musl, whose strerror() words a few errors
+# differently from glibc's; its messages carry musl's words.
+_MUSL_TEXT = {
+    16: "Resource busy",  # EBUSY
+    25: "Not a tty",  # ENOTTY
+    98: "Address in use",  # EADDRINUSE
+}
+
+
 def os_error_text(err: OSError) -> str:
-    """Format an OSError the way Rust's io::Error displays."""
-    text = os.strerror(err.errno) if err.errno else str(err)
-    return f"{text} (os error {err.errno})"
+    """Format an OSError the way Firecracker's io::Error displays."""
+    errno = err.errno or 0
+    text = _MUSL_TEXT.get(errno) or (os.strerror(errno) if errno else str(err))
+    return f"{text} (os error {errno})"
 
 
 def _check_readable(path: str) -> OSError | None:
@@ -50,6 +67,39 @@ def _check_readable(path: str) -> OSError | None:
         return err
     os.close(fd)
     return None
+
+
+def _probe_tap(name: str) -> None:
+    """Attach to the TAP *name* and let go, as Firecracker's open does.
+
+    Firecracker opens the TAP when the interface is configured, so a busy
+    or forbidden device fails the PUT. A missing one is created by the
+    kernel for as long as the descriptor lives, and so vanishes again.
+    """
+    import fcntl
+    import struct
+
+    if not name or len(name.encode()) > MAX_IFNAME:
+        raise ActionError(
+            "Network config error: Cannot open/create the tap device: "
+            f"Invalid interface name {name!r}: use 1 to {MAX_IFNAME} bytes."
+        )
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(
+                fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS)
+            )
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise ActionError(
+            "Network config error: Cannot open/create the tap device: "
+            "Open tap device failed: Error while creating ifreq structure: "
+            f"{os_error_text(err)}. Invalid TUN/TAP Backend provided by "
+            f"{name}. Check our documentation on setting up the network "
+            "devices."
+        ) from None
 
 
 def _open_drive(path: str, read_only: bool) -> None:
@@ -362,6 +412,7 @@ class Resources:
                     "Check our documentation on setting up the network "
                     "devices."
                 )
+        _probe_tap(body["host_dev_name"])
         net = NetworkInterface(
             iface_id=iface_id,
             host_dev_name=body["host_dev_name"],

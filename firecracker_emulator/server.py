@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import StartupError
+from .resources import os_error_text
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,7 @@ class ApiServer:
             sock.bind(self.path)
         except OSError as err:
             sock.close()
-            if err.errno == 98:  # EADDRINUSE: a stale or live socket
-                detail = "Address in use (os error 98)"
-            else:
-                detail = f"{os.strerror(err.errno or 0)} (os error " \
-                    f"{err.errno})"
+            detail = os_error_text(err)
             raise StartupError(
                 f"Failed to open the API socket at: {self.path}: {detail}. "
                 "Check that it is not already used; remove a stale socket "

@@ -77,6 +77,9 @@ class Vmm:
         self.signal_received = 0
         self.inbox: queue.Queue[Any] = queue.Queue()
         self._next_metrics = 0.0
+        # Filled in when the API socket opens (µs of wall and CPU time).
+        self.startup_us = 0
+        self.startup_cpu_us = 0
 
     # ------------------------------------------------------- API threads
 
@@ -380,9 +383,6 @@ class Vmm:
                 "qemu_command": self.qemu.command,
             }
         self.metrics.flush(extra)
-
-    startup_us = 0
-    startup_cpu_us = 0
 
     def api_server_metrics(self) -> dict[str, int]:
         """Return the startup figures measured when the socket opened."""

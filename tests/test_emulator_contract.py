@@ -91,6 +91,8 @@ def test_get_bodies_validate(
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * 4096)
     for method, path, body in _accepted_bodies(kernel, disk, tmp_path):
+        if path.startswith("/network-interfaces") and os.geteuid():
+            continue  # configuring a TAP opens it, which needs root
         assert emu.call(method, path, body)[0] == 204, (method, path)
     for method, path, emulated in ROUTES:
         if method != "GET" or not emulated:

@@ -337,6 +337,14 @@ def describe(values: Sequence[float]) -> dict[str, float]:
 _MODE_ORDER = {"serial": 0, "parallel": 1}
 
 
+def _group_order(keys: Sequence[str], key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sort key of a group: its values, with serial before parallel."""
+    return tuple(
+        _MODE_ORDER.get(v, len(_MODE_ORDER)) if k == "mode" else v
+        for k, v in zip(keys, key)
+    )
+
+
 def summarize(
     df: pd.DataFrame,
     metrics: Sequence[str] = SUMMARY_METRICS,
@@ -352,10 +360,7 @@ def summarize(
             groups.append((key if isinstance(key, tuple) else (key,), part))
     else:
         groups.append(((), df))
-    groups.sort(key=lambda item: tuple(
-        _MODE_ORDER.get(v, len(_MODE_ORDER)) if k == "mode" else v
-        for k, v in zip(keys, item[0])
-    ))
+    groups.sort(key=lambda item: _group_order(keys, item[0]))
     rows = []
     for metric in metrics:
         if metric not in df.columns:
@@ -561,8 +566,12 @@ def compare_groups(
     if not keys:
         return [compare(run_df, baseline_df, metric, **kwargs)]
     verdicts = []
-    for key, part in run_df.groupby(keys, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
+    groups = [
+        (key if isinstance(key, tuple) else (key,), part)
+        for key, part in run_df.groupby(keys, sort=True)
+    ]
+    groups.sort(key=lambda item: _group_order(keys, item[0]))
+    for key, part in groups:
         mask = (baseline_df[keys] == list(key)).all(axis=1)
         if mask.any():
             verdicts.append(

@@ -28,8 +28,8 @@ PARAMETERS = {"N_BOOTS": 2, "PARALLEL": 2, "CONFIGS": [[1, 128]]}
 # interval contains the VMM's: it starts when InstanceStart is sent (the
 # VMM starts its clock on receiving it) and ends when the log line comes
 # out of the pipe (the VMM stamps it before writing). The difference is
-# the transit of one HTTP request and one log line, 6 to 11 ms measured
-# on a 2-core host under TCG with two boots at once. 100 ms leaves room
+# the transit of one HTTP request and one log line: 6 to 33 ms measured
+# on a busy 2-core host under TCG, two boots at once. 100 ms leaves room
 # for a loaded host to run either thread several time slices late, yet
 # catches a wrong end point: counting from the VMM's spawn, from the
 # InstanceStart answer, or seeing the line only with the readiness line

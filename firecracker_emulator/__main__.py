@@ -229,6 +229,11 @@ def run(argv: list[str] | None = None) -> int:
         print(f"firecracker-emulator {__version__}: Firecracker's API "
               "served over QEMU")
         return 0
+    if args.accel not in ("auto", "kvm", "tcg"):
+        build_parser().error(
+            f"invalid accelerator {args.accel!r} (from FCEMU_ACCEL): use "
+            "auto, kvm or tcg"
+        )
     if args.no_api and not args.config_file:
         build_parser().error("--no-api requires --config-file")
     if not args.id or len(args.id) > MAX_ID_LEN or not all(

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 TCG_TSC_ARGS = "tsc_early_khz=2000000 tsc=reliable lpj=8000000"
 
 # Firecracker's boot-timer address on x86_64 since v1.13, as QEMU's
-# guest-error log prints it for an unclaimed write.
+# guest-error log prints it for an unclaimed write. The log does not show
+# the byte written, so any one-byte write there stops the clock (the
+# guest writes 123, Firecracker's magic value).
 BOOT_TIMER_LINE = "Invalid write at addr 0xC0000000"
 
 # Seconds to wait for QEMU's monitor greeting after spawning it.

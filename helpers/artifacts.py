@@ -697,7 +697,13 @@ def _unpack_release(
                 "architecture?"
             )
         sums = verify_sums(unpacked, origin)
-        os.rename(unpacked, final)
+        try:
+            os.rename(unpacked, final)
+        except OSError:
+            # Another process unpacked the same release meanwhile.
+            if not final.is_dir():
+                raise
+            log.debug("%s appeared meanwhile; keeping it", final)
     return final, sums
 
 

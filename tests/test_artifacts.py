@@ -580,6 +580,18 @@ def test_feature_names_match_dumpe2fs(
     ]
 
 
+def test_squashfs_to_ext4_without_root_warns(
+    squashfs_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without root, the conversion still works and says what it lost."""
+    monkeypatch.setattr(artifacts.os, "geteuid", lambda: 1000)
+    image = squashfs_to_ext4(squashfs_image, tmp_path / "rootfs.ext4")
+
+    assert "not root" in caplog.text
+    assert debugfs(image, "cat /etc/hostname") == "fclab-ci\n"
+
+
 def test_broken_squashfs_leaves_nothing(tmp_path: Path) -> None:
     """A file that is no squashfs fails clearly and leaves no image."""
     bogus = tmp_path / "bogus.squashfs"
@@ -696,6 +708,32 @@ def test_mirror_of_a_local_guest(
     monkeypatch.setenv("FCLAB_MIRROR", mirror.url)
     again = fetch_artifacts("mirror", cache=tmp_path / "c", progress=False)
     assert again == got
+
+
+def test_command_line_mirrors_a_mirror(
+    guest_only: Artifacts, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m helpers.artifacts mirror`` re-lays a fetched mirror."""
+    write_mirror(tmp_path / "first", guest_only)
+    mirror = serve(tmp_path / "first")
+    try:
+        code = artifacts.main([
+            "mirror", str(tmp_path / "second"), "--source", "mirror",
+            "--base-url", mirror.url, "--cache", str(tmp_path / "c"),
+        ])
+    finally:
+        mirror.stop()
+
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["checksums"] == guest_only.checksums
+    first, second = (
+        json.loads((tmp_path / name / "manifest.json").read_text())
+        for name in ("first", "second")
+    )
+    assert (first.pop("source"), second.pop("source")) == ("local", "mirror")
+    assert first == second
 
 
 def test_mirror_with_a_changed_file_is_refused(

@@ -148,9 +148,10 @@ def cdf(df: pd.DataFrame, metric: str = "boot_timer_ms") -> Figure:
             values = np.sort(group[metric].dropna().to_numpy(dtype=float))
             if values.size == 0:
                 continue
-            share = np.arange(1, values.size + 1) / values.size
-            ax.step(values, share, where="post", label=mode,
-                    color=colour)
+            # Start the staircase at zero, at the fastest boot.
+            xs = np.concatenate([values[:1], values])
+            share = np.arange(values.size + 1) / values.size
+            ax.step(xs, share, where="post", label=mode, color=colour)
         ax.set_title(_config_label(vcpus, mem))
         ax.set_xlabel(f"{metric.removesuffix('_ms')} (ms)")
         ax.set_ylim(0, 1.02)
@@ -272,7 +273,7 @@ def memory_cost(df: pd.DataFrame) -> Figure:
     from matplotlib.ticker import ScalarFormatter
 
     df = _ok(df)
-    fig = _new_figure(2)
+    fig = _new_figure(2, 1.3)
     ax = fig.subplots()
     for mode, colour in MODE_COLOURS.items():
         group = df[df["mode"] == mode]
@@ -291,8 +292,9 @@ def memory_cost(df: pd.DataFrame) -> Figure:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("guest memory (MiB)")
-    ax.set_ylabel("VMM resident memory after ready (MiB)")
-    ax.legend(fontsize="small")
+    ax.set_ylabel("VMM RSS after ready (MiB)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2,
+              fontsize="small")
     ax.grid(alpha=0.3)
     ax.set_title(f"Memory per microVM - {_accel_note(df)}")
     return fig

@@ -11,12 +11,12 @@ import json
 import os
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 
 from helpers.paths import REPO_ROOT
-
-pytestmark = [pytest.mark.notebook, pytest.mark.vm]
+from helpers.series import declared_parameters
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "04_boot_time.ipynb"
 
@@ -64,6 +64,20 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_committed_clean_with_its_parameters() -> None:
+    """No outputs in git; the parameters a maintainer turns down exist."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        assert "slide_type" in cell.metadata.get("slideshow", {})
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+    declared = declared_parameters(NOTEBOOK)
+    assert set(PARAMETERS) | {"BACKEND", "BOOT_TIMEOUT"} <= set(declared)
+    assert declared["BACKEND"] == "auto"
+
+
+@pytest.mark.notebook
+@pytest.mark.vm
 def test_every_boot_has_both_measurements(executed: Path) -> None:
     """All boots succeeded and each has the VMM's and the host's figure."""
     rec = json.loads((executed / "record.json").read_text())
@@ -74,6 +88,8 @@ def test_every_boot_has_both_measurements(executed: Path) -> None:
     assert rec["accel"] in ("KVM", "TCG")
 
 
+@pytest.mark.notebook
+@pytest.mark.vm
 def test_boot_timer_agrees_with_the_host(executed: Path) -> None:
     """Host-observed time exceeds the VMM's figure by a small transit."""
     rec = json.loads((executed / "record.json").read_text())
@@ -83,6 +99,8 @@ def test_boot_timer_agrees_with_the_host(executed: Path) -> None:
         assert 0 <= gap <= AGREEMENT_TOLERANCE_MS, (reported, observed)
 
 
+@pytest.mark.notebook
+@pytest.mark.vm
 def test_phases_come_in_order(executed: Path) -> None:
     """Kernel start to init fits before the boot timer, which precedes ready.
 
@@ -99,6 +117,8 @@ def test_phases_come_in_order(executed: Path) -> None:
     assert df[["hostname", "cpu_model", "guest_kernel"]].notna().all().all()
 
 
+@pytest.mark.notebook
+@pytest.mark.vm
 def test_summary_figures_and_no_baseline(executed: Path) -> None:
     """The summary covers both modes, figures exist, no baseline appears."""
     rec = json.loads((executed / "record.json").read_text())

@@ -411,7 +411,7 @@ def _u_distribution(m: int, n: int) -> list[float]:
 
 
 def mann_whitney_greater(
-    x: Sequence[float], y: Sequence[float]
+    x: Iterable[float], y: Iterable[float]
 ) -> RankTest:
     """One-sided Mann-Whitney U test that *x* tends to exceed *y*.
 
@@ -422,8 +422,8 @@ def mann_whitney_greater(
     """
     import numpy as np
 
-    xs = np.asarray(x, dtype=float)
-    ys = np.asarray(y, dtype=float)
+    xs = np.asarray(list(x), dtype=float)
+    ys = np.asarray(list(y), dtype=float)
     m, n = xs.size, ys.size
     if m == 0 or n == 0:
         raise TimingError("a rank test needs at least one value per sample")

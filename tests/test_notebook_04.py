@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pandas as pd
@@ -22,7 +23,8 @@ NOTEBOOK = REPO_ROOT / "notebooks" / "04_boot_time.ipynb"
 
 # Small enough for CI under TCG (five boots with the warm-up, one more by
 # hand), large enough for both modes.
-PARAMETERS = {"N_BOOTS": 2, "PARALLEL": 2, "CONFIGS": [[1, 128]]}
+PARAMETERS: dict[str, Any] = {
+    "N_BOOTS": 2, "PARALLEL": 2, "CONFIGS": [[1, 128]]}
 
 # How far the host's view may exceed the VMM's figure, in ms. The host's
 # interval contains the VMM's: it starts when InstanceStart is sent (the

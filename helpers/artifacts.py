@@ -12,14 +12,14 @@ record holding the path and SHA-256 of every file.
     it, then the newest guest kernel and Ubuntu image that Firecracker's
     CI keeps in the public S3 bucket ``spec.ccfc.min`` under
     ``firecracker-ci/v<major>.<minor>/<arch>/``. When that prefix lists
-    nothing, the newest dated prefix ``firecracker-ci/<YYYYMMDD>-…/<arch>/``
-    (the layout CI builds use from June 2026) is used instead. "Newest"
-    compares version numbers, not strings. The Ubuntu squashfs is
+    nothing, the dated prefixes ``firecracker-ci/<YYYYMMDD>-…/<arch>/``
+    (the layout CI builds use from June 2026) are tried, newest date
+    first. "Newest" compares version numbers, not strings. The Ubuntu squashfs is
     repacked as an ext4 image of at least 1 GiB.
 ``mirror``
     The same kind of files served by any HTTP server, so one laptop can
-    serve a room: :func:`write_mirror` lays out the folder, and
-    ``python -m http.server`` serves it.
+    serve a room: :func:`write_mirror` lays out the folder, and any
+    static server serves it (``make mirror``, ``python -m http.server``).
 ``local``
     The guest built offline by :func:`helpers.images.build_guest`; no
     Firecracker binary (the notebooks then use the emulator).
@@ -240,7 +240,13 @@ class UnsafeArchiveError(ArtifactError):
 
 @dataclass(frozen=True)
 class Artifacts:
-    """The files one fetch produced, with the SHA-256 of each."""
+    """The files one fetch produced, with the SHA-256 of each.
+
+    ``version`` is the Firecracker release, None without one (``local``,
+    or a mirror of a local guest), as are ``firecracker``, ``jailer`` and
+    ``api_spec``. ``checksums`` maps each role of :meth:`files` to its
+    SHA-256; ``extra`` notes where the files came from (S3 keys, mirror).
+    """
 
     source: str
     version: str | None
@@ -267,7 +273,10 @@ class Artifacts:
             "initrd": self.initrd,
             "rootfs": self.rootfs,
         }
-        return {role: p for role, p in paths.items() if p is not None}
+        return {
+            role: path for role in ROLES
+            if (path := paths[role]) is not None
+        }
 
     def rows(self) -> list[dict[str, Any]]:
         """Return one row per file: role, name, size and SHA-256."""
@@ -373,9 +382,11 @@ class _Checksums:
         self.store = store
         self._known: dict[str, list[Any]] = {}
         try:
-            self._known = json.loads(store.read_text())
+            loaded = json.loads(store.read_text())
         except (OSError, ValueError):
-            pass
+            return
+        if isinstance(loaded, dict):
+            self._known = loaded
 
     def fresh(self, path: Path) -> str | None:
         """Return the remembered checksum if the file did not change."""
@@ -384,7 +395,10 @@ class _Checksums:
             st = path.stat()
         except OSError:
             return None
-        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+        if (
+            isinstance(entry, list) and len(entry) == 3
+            and entry[:2] == [st.st_size, st.st_mtime_ns]
+        ):
             return str(entry[2])
         return None
 
@@ -454,15 +468,21 @@ class _Http:
             )
         return resp
 
-    def text(
+    def content(
         self, url: str, params: dict[str, str] | None = None, hint: str = ""
-    ) -> str:
-        """Return the body of a small text resource."""
+    ) -> bytes:
+        """Return the body of a small resource (a listing, a manifest)."""
         resp = self._get(url, hint, params=params)
         try:
-            return resp.text
+            return resp.content
+        except requests.RequestException as exc:
+            raise DownloadError(url, _reason(exc), hint) from exc
         finally:
             resp.close()
+
+    def text(self, url: str, hint: str = "") -> str:
+        """Return a small text resource, read as UTF-8."""
+        return self.content(url, hint=hint).decode("utf-8", "replace")
 
     def location(self, url: str) -> str:
         """Return where *url* redirects to (or its own URL if it doesn't)."""
@@ -777,7 +797,7 @@ def list_bucket(
             params["continuation-token"] = token
         url = s3_url + "/"
         try:
-            root = ET.fromstring(http.text(url, params))
+            root = ET.fromstring(http.content(url, params))
         except ET.ParseError as exc:
             raise DownloadError(url, f"the listing is not XML ({exc})")
         for item in root:
@@ -1134,6 +1154,66 @@ def _manifest_path(value: object, url: str) -> str:
     return PurePosixPath(*parts).as_posix()
 
 
+def _read_manifest(
+    body: bytes, url: str, arch: str, version: str
+) -> tuple[dict[str, Any], dict[str, tuple[str, str, int | None]]]:
+    """Check a mirror's manifest; return it and role → (path, sha, size).
+
+    The manifest must match *arch* and *version*, list a kernel and a
+    root file system, and give each file a SHA-256 and a path inside the
+    mirror.
+    """
+    rebuild = "rebuild the mirror with write_mirror (`make mirror`)"
+    try:
+        manifest = json.loads(body)
+    except ValueError as exc:
+        raise ArtifactError(f"{url} is not JSON: {rebuild}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{url} is not a manifest: {rebuild}")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(
+            f"{url} has format {manifest.get('format')!r}; this lab reads "
+            f"format {MANIFEST_FORMAT}: {rebuild}"
+        )
+    if manifest.get("arch") != arch:
+        raise ArtifactError(
+            f"{url} describes {manifest.get('arch')} files, not {arch}"
+        )
+    held = manifest.get("version")
+    if held is not None:
+        held = manifest["version"] = normalize_version(str(held))
+        if version not in ("latest", held):
+            raise ArtifactError(
+                f"the mirror at {url} holds Firecracker v{held}, not "
+                f"v{version}: set VERSION = {held!r}, or ask for a "
+                "mirror of the version you need"
+            )
+
+    files = manifest.get("files")
+    entries: dict[str, tuple[str, str, int | None]] = {}
+    for role, entry in (files if isinstance(files, dict) else {}).items():
+        if role not in ("release", "kernel", "rootfs", "initrd"):
+            log.debug("ignoring the mirror's %s", role)
+            continue
+        if role == "release" and held is None:
+            continue
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            raise ArtifactError(
+                f"{url} gives no SHA-256 for its {role}: {rebuild}"
+            )
+        size = entry.get("size")
+        entries[role] = (
+            _manifest_path(entry.get("path"), url),
+            sha.lower(),
+            size if isinstance(size, int) else None,
+        )
+    for role in ("kernel", "rootfs"):
+        if role not in entries:
+            raise ArtifactError(f"{url} lists no {role}: {rebuild}")
+    return manifest, entries
+
+
 def _fetch_mirror(
     version: str, arch: str, base_url: str, root: Path,
     progress: bool, refresh: bool,
@@ -1153,53 +1233,21 @@ def _fetch_mirror(
 
     url = f"{base_url}/{MANIFEST_NAME}"
     with closing(_Http(checksums, progress)) as http:
-        try:
-            manifest = json.loads(http.text(url))
-        except ValueError as exc:
-            raise ArtifactError(
-                f"{url} is not JSON; is {base_url} a mirror made with "
-                "write_mirror?"
-            ) from exc
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ArtifactError(
-                f"{url} has format {manifest.get('format')!r}; this lab "
-                f"reads format {MANIFEST_FORMAT}: rebuild the mirror"
-            )
-        if manifest.get("arch") != arch:
-            raise ArtifactError(
-                f"the mirror {base_url} serves {manifest.get('arch')}, "
-                f"not {arch}"
-            )
-        held = manifest.get("version")
-        if held and version not in ("latest", held):
-            raise ArtifactError(
-                f"the mirror {base_url} holds Firecracker v{held}, not "
-                f"v{version}: set VERSION = {held!r}, or ask for a mirror "
-                "of the version you need"
-            )
-
+        manifest, entries = _read_manifest(
+            http.content(url), url, arch, version
+        )
+        held = manifest["version"]
         paths: dict[str, Path] = {}
         sums: dict[str, str] = {}
-        for role, entry in manifest.get("files", {}).items():
-            if role not in ("release", "kernel", "rootfs", "initrd"):
-                log.debug("ignoring the mirror's %s", role)
-                continue
-            rel = _manifest_path(entry.get("path"), url)
+        for role, (rel, sha, size) in entries.items():
             dest = folder.joinpath(*rel.split("/"))
             sums[role] = http.download(
-                f"{base_url}/{quote(rel)}", dest,
-                sha256=str(entry.get("sha256", "")) or None,
-                size=entry.get("size"),
+                f"{base_url}/{quote(rel)}", dest, sha256=sha, size=size
             )
             paths[role] = dest
-    for role in ("kernel", "rootfs"):
-        if role not in paths:
-            raise ArtifactError(
-                f"{url} lists no {role}; rebuild the mirror"
-            )
 
     release: dict[str, tuple[Path, str]] = {}
-    if "release" in paths and held:
+    if "release" in paths and held is not None:
         unpacked, inner = _unpack_release(
             paths["release"], held, arch, f"{base_url} release"
         )

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import tarfile
@@ -778,23 +779,39 @@ def test_mirror_of_another_version_is_refused(
         mirror.stop()
 
 
-def test_mirror_manifest_cannot_point_outside(tmp_path: Path) -> None:
-    """A manifest path with ``..`` is refused before any download."""
+GOOD_FILE = {"path": "guest/vmlinux", "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ({"files": {"kernel": {**GOOD_FILE, "path": "../../etc/passwd"},
+                "rootfs": GOOD_FILE}}, "leaves the mirror"),
+    ({"files": {"kernel": {"path": "guest/vmlinux"}, "rootfs": GOOD_FILE}},
+     "no SHA-256 for its kernel"),
+    ({"files": {"kernel": GOOD_FILE}}, "lists no rootfs"),
+    ({"version": "../../1.16.1", "files": {}}, "not a Firecracker version"),
+    ({"arch": "aarch64"}, "aarch64 files, not x86_64"),
+    ({"format": 2}, "format 2"),
+    ([1, 2], "not a manifest"),
+], ids=["path", "no-sha", "no-rootfs", "version", "arch", "format", "list"])
+def test_mirror_manifest_is_checked(
+    tmp_path: Path, manifest: object, message: str,
+) -> None:
+    """A bad manifest is refused before any file is downloaded."""
+    if isinstance(manifest, dict):
+        manifest = {"format": 1, "arch": ARCH, "version": None, **manifest}
     folder = tmp_path / "mirror"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": 1, "arch": ARCH, "version": None,
-        "files": {"kernel": {"path": "../../etc/passwd", "sha256": "0" * 64}},
-    }))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     mirror = serve(folder)
     try:
-        with pytest.raises(ArtifactError, match="leaves the mirror"):
+        with pytest.raises(ArtifactError, match=re.escape(message)):
             fetch_artifacts(
                 "mirror", base_url=mirror.url, cache=tmp_path / "c",
                 progress=False,
             )
     finally:
         mirror.stop()
+    assert mirror.paths == ["/manifest.json"]
 
 
 def test_mirror_down_is_a_download_error(tmp_path: Path) -> None:

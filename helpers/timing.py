@@ -25,10 +25,9 @@ import platform
 import re
 import socket
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -894,7 +893,7 @@ def run_boots(
     mem_mib: int = 128,
     backend: str = "auto",
     timeout: float = 180.0,
-    on_done: Any = None,
+    on_done: Callable[[], object] | None = None,
 ) -> list[BootRecord]:
     """Boot *n* microVMs, *parallel* at a time, each in its own thread."""
     if n < 1 or parallel < 1:
@@ -909,7 +908,7 @@ def run_boots(
                 on_done()
         return records
 
-    lock = threading.Lock()
+    # Results are collected in this thread, as the boots finish.
     results: list[BootRecord] = []
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=parallel, thread_name_prefix="boot"
@@ -918,11 +917,16 @@ def run_boots(
             pool.submit(_one_boot, guest, vcpus, mem_mib, backend, timeout)
             for _ in range(n)
         ]
-        for future in concurrent.futures.as_completed(futures):
-            with lock:
+        try:
+            for future in concurrent.futures.as_completed(futures):
                 results.append(future.result())
-            if on_done is not None:
-                on_done()
+                if on_done is not None:
+                    on_done()
+        except BaseException:
+            # Interrupted: boots under way finish and release their VMs,
+            # the ones still queued never start.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results
 
 

@@ -48,6 +48,8 @@ from helpers.paths import REPO_ROOT
 if TYPE_CHECKING:
     from typing import Self
 
+    from helpers.vm import NetworkInterface
+
 log = logging.getLogger(__name__)
 
 # AWS accepts IPv4 subnet blocks from /16 (65,536 addresses) to /28 (16).
@@ -585,9 +587,10 @@ class TaskNetwork:
                 f"{self.subnet.netmask}::{GUEST_DEVICE}:off")
 
     @property
-    def interfaces(self) -> tuple[Any, ...]:
+    def interfaces(self) -> tuple[NetworkInterface, ...]:
         """The MicroVM's network interfaces: the TAP as the guest's eth0."""
-        from helpers.vm import NetworkInterface  # the VM module is heavier
+        # Imported here: the probe child (python -m helpers.net) stays light.
+        from helpers.vm import NetworkInterface
 
         return (NetworkInterface(IFACE_ID, self.tap, self.mac),)
 
@@ -650,16 +653,23 @@ class TaskNetwork:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        if self._created:
-            stopped = _stop_processes(netns_pids(self.netns), self.netns)
-            if os.path.exists(f"/run/netns/{self.netns}"):
-                self._ip(f"ip netns del {self.netns}")
-            _forget_owner(self.netns, self._owner_dir)
-            _OPEN.pop(self.netns, None)
-            self._created = False
-        if self.address is not None:
-            self.subnet.release(self.task)
-            self.address = None
+        try:
+            if self._created:
+                stopped = _stop_processes(netns_pids(self.netns), self.netns)
+                if os.path.exists(f"/run/netns/{self.netns}"):
+                    self._ip(f"ip netns del {self.netns}", hint=(
+                        "Remove it with cleanup_leftovers(), or by hand: "
+                        f"sudo ip netns del {self.netns}"))
+        finally:
+            # Even if the delete failed: without an owner note the
+            # namespace counts as a leftover that cleanup_leftovers removes.
+            if self._created:
+                _forget_owner(self.netns, self._owner_dir)
+                _OPEN.pop(self.netns, None)
+                self._created = False
+            if self.address is not None:
+                self.subnet.release(self.task)
+                self.address = None
         return stopped
 
     def __enter__(self) -> Self:
@@ -673,10 +683,10 @@ class TaskNetwork:
         """Remove the network, whatever happened inside the block."""
         self.close()
 
-    def _ip(self, command: str) -> None:
+    def _ip(self, command: str, hint: str | None = None) -> None:
         """Run one ``ip`` command and keep it in :attr:`commands`."""
         self.commands.append(command)
-        _run(shlex.split(command), hint=(
+        _run(shlex.split(command), hint=hint or (
             f"The task network of {self.task!r} could not be built; "
             "nothing of it is left behind. Check that iproute2 and "
             "/dev/net/tun exist."))

@@ -21,6 +21,7 @@ from helpers.images import GuestImages, build_guest
 from helpers.net import (
     NETNS_PREFIX,
     HttpProbeError,
+    NetCommandError,
     NetPrivileges,
     Subnet,
     TaskNetwork,
@@ -185,12 +186,33 @@ def test_a_killed_vmm_still_leaves_nothing(images: GuestImages) -> None:
     assert wait_gone(pids) == [], "a VMM or QEMU outlived its namespace"
 
 
+class BrokenNetwork(TaskNetwork):
+    """A task network whose last build step fails for real."""
+
+    def planned_commands(self, user: str | None = None) -> list[str]:
+        """The usual commands, then one naming a device that is not there."""
+        return [*super().planned_commands(user),
+                f"ip -n {self.netns} link set nosuchdev up"]
+
+
+def test_a_failed_step_undoes_the_earlier_ones() -> None:
+    subnet = Subnet(CIDR)
+    net = BrokenNetwork("broken", subnet, prefix=PREFIX)
+    with pytest.raises(NetCommandError, match="nosuchdev") as caught:
+        net.open()
+    assert "nothing of it is left behind" in str(caught.value)
+    assert net.commands[-1] == f"ip netns del {PREFIX}broken"
+    assert list_netns(PREFIX) == []
+    assert subnet.in_use == {}
+
+
 # A run interrupted hard: the child opens a task network, then dies by
 # SIGKILL before any cleanup can run.
 _DIE_AFTER_OPEN = """
 import os, signal
 from helpers.net import Subnet, TaskNetwork
-TaskNetwork("left", Subnet("10.0.0.0/24"), prefix="{prefix}").open()
+net = TaskNetwork("left", Subnet("10.0.0.0/24"), prefix="{prefix}")
+net.open()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -204,12 +226,32 @@ with TaskNetwork("busy", Subnet("10.0.0.0/24"), prefix="{prefix}"):
 """
 
 
+# A notebook kernel shut down before its cleanup cell: the interpreter
+# exits normally with the network still open.
+_EXIT_WITHOUT_CLOSE = """
+from helpers.net import Subnet, TaskNetwork
+net = TaskNetwork("exit", Subnet("10.0.0.0/24"), prefix="{prefix}")
+net.open()
+print(net.netns, flush=True)
+"""
+
+
 def _python(code: str, **kwargs: object) -> subprocess.Popen[str]:
     """Start a Python child that can import the helpers."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(
         [sys.executable, "-c", code.format(prefix=PREFIX)], env=env,
         text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def test_an_interpreter_exit_removes_an_open_network() -> None:
+    child = _python(_EXIT_WITHOUT_CLOSE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert out.strip() == f"{PREFIX}exit"
+    assert "never closed" in err
+    assert list_netns(PREFIX) == []
 
 
 def test_cleanup_removes_what_an_interrupted_run_left() -> None:

@@ -52,7 +52,8 @@ MEM_FRACTION = 0.5
 BOOT_TIMES_CSV = "boot_times.csv"
 
 # A slowdown counts only if the one-sided test is this sure (per group;
-# a sweep makes about six comparisons, so 0.01 keeps false alarms rare)...
+# a default sweep makes six comparisons per metric, and 0.01 keeps the
+# chance of a false alarm among them near 6%)...
 ALPHA = 0.01
 # ...and the median moved by at least this fraction: a shift smaller than
 # this is within the day-to-day drift of a shared host.

@@ -1034,7 +1034,7 @@ def resolve_latest(http: _Http, release_url: str, remember: Path) -> str:
         target = http.location(url)
     except DownloadError:
         if remember.is_file():
-            version = remember.read_text().strip()
+            version = normalize_version(remember.read_text())
             log.warning(
                 "cannot reach %s; using the last known latest, v%s",
                 url, version,
@@ -1309,7 +1309,7 @@ def fetch_artifacts(
     s3_url: str | None = None,
     cache: Path | None = None,
     arch: str = DEFAULT_ARCH,
-    progress: bool = True,
+    progress: bool | None = None,
     refresh: bool = False,
 ) -> Artifacts:
     """Bring a VMM, kernel and root file system from *source*.
@@ -1318,8 +1318,9 @@ def fetch_artifacts(
     *version* pins the Firecracker release (``1.16.1``, ``v1.16.1`` or
     ``latest``). *base_url* is the releases page for ``official`` and
     the mirror's root for ``mirror``; *s3_url* the CI bucket. *cache*
-    replaces ``cache_dir()``. *refresh* ignores the record of the last
-    complete fetch (and, for ``local``, rebuilds).
+    replaces ``cache_dir()``. *progress* shows download bars; by default
+    only on a terminal or in a notebook. *refresh* ignores the record of
+    the last complete fetch (and, for ``local``, rebuilds).
     """
     if source not in SOURCES:
         raise ArtifactError(
@@ -1329,6 +1330,8 @@ def fetch_artifacts(
         version = normalize_version(version)
     cache = Path(cache) if cache is not None else None
     root = (cache or cache_dir()) / "artifacts"
+    if progress is None:
+        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
 
     if source == "local":
         return _fetch_local(root, cache, refresh)
@@ -1494,7 +1497,6 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = fetch_artifacts(
             args.source, version=args.version, base_url=args.base_url,
             cache=args.cache, refresh=args.refresh,
-            progress=sys.stderr.isatty(),
         )
         if args.command == "mirror":
             write_mirror(args.dest, artifacts)

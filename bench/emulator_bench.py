@@ -124,8 +124,10 @@ def boot_directly(command: list[str]) -> float:
     cmd = [a.replace(fd_arg, f"socket,id=qmp,fd={theirs.fileno()}")
            for a in command]
     started = time.perf_counter()
+    # Standard input is a pipe, as the emulator's is under the harness,
+    # so QEMU's console backend sees the same kind of file.
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
     )
     theirs.close()
@@ -143,6 +145,8 @@ def boot_directly(command: list[str]) -> float:
         proc.kill()
         proc.wait()
         proc.stdout.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
         ours.close()
 
 

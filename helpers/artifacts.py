@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -423,16 +424,13 @@ def _progress(total: int | None, desc: str, enabled: bool) -> std_tqdm:
     """Return a progress bar: a widget in notebooks when possible."""
     options: dict[str, Any] = {
         "total": total, "desc": desc, "unit": "B", "unit_scale": True,
-        "unit_divisor": 1024, "leave": False,
+        "unit_divisor": 1024,
     }
-    if enabled:
-        try:
-            from tqdm.auto import tqdm as auto_tqdm
+    # The notebook widget needs ipywidgets; without it, plain text.
+    if enabled and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm as auto_tqdm
 
-            return auto_tqdm(**options)
-        except ImportError:
-            # The notebook widget needs ipywidgets; plain text will do.
-            pass
+        return auto_tqdm(**options)
     return std_tqdm(disable=not enabled, **options)
 
 

@@ -14,8 +14,8 @@ record holding the path and SHA-256 of every file.
     ``firecracker-ci/v<major>.<minor>/<arch>/``. When that prefix lists
     nothing, the dated prefixes ``firecracker-ci/<YYYYMMDD>-…/<arch>/``
     (the layout CI builds use from June 2026) are tried, newest date
-    first. "Newest" compares version numbers, not strings. The Ubuntu squashfs is
-    repacked as an ext4 image of at least 1 GiB.
+    first. "Newest" compares version numbers, not strings. The Ubuntu
+    squashfs is repacked as an ext4 image of at least 1 GiB.
 ``mirror``
     The same kind of files served by any HTTP server, so one laptop can
     serve a room: :func:`write_mirror` lays out the folder, and any

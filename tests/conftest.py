@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -11,18 +12,25 @@ import pytest
 # Process names of the VMMs the lab starts.
 VMM_NAMES = ("qemu-system-x86", "firecracker", "jailer")
 
+# A VMM whose parent just died is reparented and reaped within a second or
+# two; the final check waits this long before it calls anything a leak.
+REAP_GRACE_S = 5.0
+
 
 def _vmm_pids() -> set[int]:
-    """PIDs of every running VMM process on the host."""
+    """PIDs of every live (not zombie) VMM process on the host."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             comm = (entry / "comm").read_text().strip()
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if comm.startswith(VMM_NAMES):
+        # The state letter follows the parenthesised command name.
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if comm.startswith(VMM_NAMES) and state != "Z":
             pids.add(int(entry.name))
     return pids
 
@@ -61,6 +69,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if before is None or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     pids, netns, taps = before
+    deadline = time.monotonic() + REAP_GRACE_S
+    while _vmm_pids() - pids and time.monotonic() < deadline:
+        time.sleep(0.2)
     leaked = {
         "VMM processes": sorted(_vmm_pids() - pids),
         "network namespaces": sorted(_lab_netns() - netns),

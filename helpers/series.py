@@ -715,7 +715,7 @@ def export_deck(notebook: Path, dest: Path, title: str) -> Path:
     _hide_machinery(nb)
     nb.metadata["title"] = title
     body, _ = exporter.from_notebook_node(nb)
-    deck = dest / (notebook.stem + DECK_SUFFIX)
+    deck = dest / deck_name(notebook)
     deck.write_text(body, encoding="utf-8")
     return deck
 
@@ -746,14 +746,20 @@ press <kbd>S</kbd> for speaker notes and <kbd>Esc</kbd> for an overview.</p>
 """
 
 
+def _deck_number(deck: Path, title: str) -> str:
+    """The deck's number before its title, unless the title has one."""
+    return "" if title[:1].isdigit() else deck.name[:2] + " "
+
+
 def write_index(
     dest: Path, decks: Sequence[tuple[Path, str]],
     title: str = "Firecracker Lab slides",
 ) -> Path:
     """Write ``index.html`` linking *decks* (path, title) in order."""
     items = "\n".join(
-        f'<li><span class="number">{html.escape(deck.name[:2])}</span> '
-        f'<a href="{html.escape(deck.name)}">{html.escape(name)}</a></li>'
+        f'<li><span class="number">{html.escape(_deck_number(deck, name))}'
+        f'</span><a href="{html.escape(deck.name)}">{html.escape(name)}</a>'
+        "</li>"
         for deck, name in decks
     )
     index = dest / "index.html"
@@ -877,37 +883,76 @@ def offline_problems(slides: Path) -> list[str]:
     return problems
 
 
+def deck_name(notebook: Path) -> str:
+    """File name of *notebook*'s deck."""
+    return notebook.stem + DECK_SUFFIX
+
+
+def _swap_in(built: Path, dest: Path) -> None:
+    """Replace folder *dest* by *built*, keeping the old one on failure."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=".old-", dir=dest.parent))
+        dest.rename(old / dest.name)
+    try:
+        built.rename(dest)
+    except OSError:
+        if old is not None:
+            (old / dest.name).rename(dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build_slides(
-    notebooks: Sequence[Path], executed: Mapping[Path, Path], out: Path
+    notebooks: Sequence[Path],
+    executed: Mapping[Path, Path],
+    out: Path,
+    series: Sequence[Path] | None = None,
 ) -> list[Path]:
     """Export the decks, reveal.js and the index into ``out/slides``.
 
     *executed* maps each source notebook to its executed copy; a
     notebook without one is exported from its source, without outputs.
+    Decks of the rest of *series* (default: *notebooks*) are kept as
+    they are, and the index lists them all in order. The folder is built
+    beside the old one and replaces it only once it passed the offline
+    check.
     """
+    series = list(series or notebooks)
     dest = out / SLIDES_SUBDIR
-    dest.mkdir(parents=True, exist_ok=True)
-    for stale in dest.glob("*" + DECK_SUFFIX):
-        stale.unlink()
-    install_reveal(dest)
-    decks = []
-    for notebook in notebooks:
-        source = executed.get(notebook)
-        if source is None:
-            log.warning("%s has no executed copy: its deck has no outputs",
-                        notebook.name)
-            source = notebook
-        title = notebook_title(notebook)
-        decks.append((export_deck(source, dest, title), title))
-    write_index(dest, decks)
-    problems = offline_problems(dest)
-    if problems:
-        raise SlidesError(
-            "the slides would need the internet:\n  "
-            + "\n  ".join(problems)
-            + "\nMake each resource local (npm, package.json) or drop it."
-        )
-    return [deck for deck, _ in decks]
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".slides-", dir=out))
+    try:
+        install_reveal(work)
+        for notebook in series:
+            kept = dest / deck_name(notebook)
+            if notebook not in notebooks and kept.is_file():
+                shutil.copy2(kept, work / kept.name)
+        for notebook in notebooks:
+            source = executed.get(notebook)
+            if source is None:
+                log.warning("%s has no executed copy: its deck has no "
+                            "outputs", notebook.name)
+                source = notebook
+            export_deck(source, work, notebook_title(notebook))
+        write_index(work, [
+            (work / deck_name(nb), notebook_title(nb)) for nb in series
+            if (work / deck_name(nb)).is_file()
+        ])
+        problems = offline_problems(work)
+        if problems:
+            raise SlidesError(
+                "the slides would need the internet:\n  "
+                + "\n  ".join(problems)
+                + "\nMake each resource local (npm, package.json) or "
+                "drop it; the previous slides are left as they were."
+            )
+        _swap_in(work, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [dest / deck_name(nb) for nb in notebooks]
 
 
 def executed_copies(notebooks: Sequence[Path], out: Path) -> dict[Path, Path]:
@@ -1155,7 +1200,10 @@ def _slides_command(args: argparse.Namespace, out: Path) -> None:
     if not args.no_execute:
         _run_command(args, out)
     start = time.monotonic()
-    decks = build_slides(notebooks, executed_copies(notebooks, out), out)
+    decks = build_slides(
+        notebooks, executed_copies(notebooks, out), out,
+        find_notebooks(args.notebooks),
+    )
     print(f"\n{len(decks)} decks in {time.monotonic() - start:.1f} s: "
           f"open {out / SLIDES_SUBDIR / 'index.html'}")
     print("No internet needed: reveal.js is in "
@@ -1177,13 +1225,15 @@ def _mirror_command(args: argparse.Namespace, out: Path) -> None:
     with serving(out, args.bind, args.port) as server:
         port = server.server_address[1]
         urls = learner_urls(args.bind, port)
-        print(f"Serving {out} on {args.bind}:{port}. Learners open:")
+        print(f"Serving {out} on {args.bind}:{port}.")
+        print("Slides for the room:")
         for url in urls:
-            print(f"  slides:  {url}/{SLIDES_SUBDIR}/")
-        print("and point notebook 01 at the mirror in its parameters "
-              "cell:")
-        print('  SOURCE = "mirror"')
-        print(f'  MIRROR_URL = "{urls[0]}/{MIRROR_SUBDIR}"')
+            print(f"  {url}/{SLIDES_SUBDIR}/")
+        if artifacts is not None:
+            print("Learners point notebook 01 at the mirror by setting, "
+                  "in its parameters cell:")
+            print('  SOURCE = "mirror"')
+            print(f'  MIRROR_URL = "{urls[0]}/{MIRROR_SUBDIR}"')
         print("Stop with Ctrl-C.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()

@@ -99,13 +99,18 @@ SLIDE_STATE = """() => {
   });
   return {indices: JSON.stringify(Reveal.getIndices()),
           heading: heading ? heading.textContent.trim() : "",
+          text: slide.textContent,
           images: images,
           done: Reveal.isLastSlide() && !Reveal.availableFragments().next};
 }"""
 
 
-def walk_deck(page: Any, url: str, name: str, plot_heading: str) -> Walk:
-    """Open a deck and press Space until it ends; note what showed."""
+def walk_deck(page: Any, url: str, name: str, plot_words: str) -> Walk:
+    """Open a deck and press Space until it ends; note what showed.
+
+    The first slide with an image whose text mentions *plot_words* is
+    the plot slide, and gets its screenshot.
+    """
     walk = Walk()
     watch(page, walk.problems)
     page.goto(url, wait_until="load")
@@ -121,7 +126,7 @@ def walk_deck(page: Any, url: str, name: str, plot_heading: str) -> Walk:
             walk.images[state["heading"] or state["indices"]] = (
                 state["images"])
             if (walk.plot_shot is None
-                    and plot_heading.lower() in state["heading"].lower()):
+                    and plot_words.lower() in state["text"].lower()):
                 walk.plot_shot = screenshots() / f"{name}-plot.png"
                 page.screenshot(path=str(walk.plot_shot))
         if state["done"]:
@@ -250,8 +255,8 @@ def test_series_decks_step_through_offline(served: str) -> None:
             if "boot_time" in stem:
                 assert walk.images, f"{deck} shows no plot"
                 assert walk.plot_shot is not None, (
-                    f"no slide of {deck} with an image has 'boot time' in "
-                    f"its heading: {list(walk.images)}")
+                    f"no slide of {deck} with an image mentions 'boot "
+                    f"time': {list(walk.images)}")
 
 
 # ----------------------------------------------------------- JupyterLab
@@ -392,6 +397,8 @@ def _quick_cells(notebook: Path) -> int:
 
 def test_jupyterlab_renders_and_runs_the_first_cells(lab: Lab) -> None:
     """Title rendered, first code cells run by Shift+Enter, clean stop."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     title = series.notebook_title(lab.notebook)
     runs = _quick_cells(lab.notebook)
     outside: list[str] = []
@@ -412,12 +419,27 @@ def test_jupyterlab_renders_and_runs_the_first_cells(lab: Lab) -> None:
         cells = page.locator(".jp-Notebook .jp-CodeCell")
         for i in range(runs):
             cells.nth(i).locator(".cm-content").click()
+            # Keys go where the focus is: wait until it is in this cell
+            # (a notebook still settling may move it back to the top).
+            page.wait_for_function(
+                "el => el.classList.contains('jp-mod-active')"
+                " && el.contains(document.activeElement)",
+                arg=cells.nth(i).element_handle(), timeout=PAGE_WAIT_MS,
+            )
             page.keyboard.press("Shift+Enter")
             prompt = cells.nth(i).locator(".jp-InputArea-prompt")
-            page.wait_for_function(
-                "el => /\\[\\d+\\]/.test(el.textContent)",
-                arg=prompt.element_handle(), timeout=PAGE_WAIT_MS,
-            )
+            try:
+                page.wait_for_function(
+                    "el => /\\[\\d+\\]/.test(el.textContent)",
+                    arg=prompt.element_handle(), timeout=PAGE_WAIT_MS,
+                )
+            except PlaywrightTimeout:
+                page.screenshot(
+                    path=str(screenshots() / "jupyterlab-failed.png"))
+                raise AssertionError(
+                    f"code cell {i} shows {prompt.inner_text()!r} after "
+                    f"Shift+Enter; server log:\n"
+                    f"{lab.log.read_text()[-3000:]}") from None
             assert re.fullmatch(r"\[\d+\]:", prompt.inner_text().strip())
             assert not cells.nth(i).locator(
                 "[data-mime-type='application/vnd.jupyter.stderr']"

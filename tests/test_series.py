@@ -319,3 +319,46 @@ def test_learner_urls_name_the_bound_address() -> None:
         "http://127.0.0.1:8000"]
     assert all("0.0.0.0" not in u
                for u in series.learner_urls("0.0.0.0", 8000))
+
+
+@needs_reveal
+def test_rebuilding_one_deck_keeps_the_others(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """--only re-exports one deck; the index still lists the series."""
+    out = tmp_path / "build"
+    args = ["slides", "--no-execute", "--notebooks", str(tiny),
+            "--out", str(out)]
+    assert main(args) == 0
+    kept = out / "slides" / "01_tiny.slides.html"
+    before = kept.read_text()
+    assert main([*args, "--only", "02"]) == 0
+    assert kept.read_text() == before
+    index = (out / "slides" / "index.html").read_text()
+    assert [href for href, _ in _links(index)] == [
+        "01_tiny.slides.html", "02_plain.slides.html"]
+
+
+@needs_reveal
+def test_a_web_image_is_refused_and_old_slides_survive(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Markdown image from the web fails the build, naming the URL."""
+    out = tmp_path / "build"
+    args = ["slides", "--no-execute", "--notebooks", str(tiny),
+            "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    plain = tiny / "02_plain.ipynb"
+    nb = nbformat.read(plain, 4)
+    nb.cells.append(nbformat.v4.new_markdown_cell(
+        "![diagram](https://example.org/diagram.png)"))
+    nbformat.write(nb, plain)
+
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert ("02_plain.slides.html loads https://example.org/diagram.png"
+            in error)
+    deck = (out / "slides" / "02_plain.slides.html").read_text()
+    assert "example.org" not in deck
+    assert not list(out.glob(".slides-*"))

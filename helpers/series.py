@@ -90,6 +90,9 @@ QUICK_PARAMETERS: dict[str, Any] = {
     "N_BOOTS": 2,
     "CONFIGS": [[1, 128]],
     "WARMUP": 0,
+    "N_TASKS": 2,
+    # Progress bars only clutter an executed copy nobody watches live.
+    "PROGRESS": False,
 }
 
 # A cell booting guests under TCG can take minutes; one still running
@@ -136,6 +139,10 @@ OFFLINE_TEMPLATE = """\
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_css -%}
 <link rel="icon" href="data:,">
+<style>
+/* A slide taller than the screen scrolls instead of being cut off. */
+.reveal .slides section:not(.stack) { max-height: 100%; overflow-y: auto; }
+</style>
 {%- endblock html_head_css -%}
 {%- block footer_js -%}
 <script src="{{ resources.reveal.url_prefix }}/dist/reveal.js"></script>
@@ -1178,12 +1185,15 @@ def _run_command(args: argparse.Namespace, out: Path) -> SeriesRun:
     def done(run: NotebookRun) -> None:
         print(f"{run.notebook.name}: {run.seconds:.1f} s", flush=True)
 
-    print(f"executing {len(notebooks)} notebooks into "
+    overrides = parse_assignments(args.parameter)
+    # Refuse a mistyped parameter before anything runs.
+    series_parameters(notebooks, args.backend, overrides, args.quick)
+    print(f"executing {', '.join(nb.name for nb in notebooks)} into "
           f"{out / EXECUTED_SUBDIR}", flush=True)
     try:
         run_series(
-            notebooks, out, args.backend, parse_assignments(args.parameter),
-            args.quick, args.kernel, args.cell_timeout or None, done, series,
+            notebooks, out, args.backend, overrides, args.quick,
+            args.kernel, args.cell_timeout or None, done, series,
         )
     except NotebookFailed as exc:
         print()

@@ -100,6 +100,8 @@ SLIDE_STATE = """() => {
   return {indices: JSON.stringify(Reveal.getIndices()),
           heading: heading ? heading.textContent.trim() : "",
           text: slide.textContent,
+          // Taller than the slide and not scrolling: cut off on screen.
+          fits: slide.offsetHeight <= Reveal.getConfig().height + 1,
           images: images,
           done: Reveal.isLastSlide() && !Reveal.availableFragments().next};
 }"""
@@ -122,6 +124,9 @@ def walk_deck(page: Any, url: str, name: str, plot_words: str) -> Walk:
     while walk.steps < MAX_STEPS:
         state = page.evaluate(SLIDE_STATE)
         walk.slides.add(state["indices"])
+        if not state["fits"]:
+            walk.problems.append(f"slide {state['indices']} "
+                                 f"({state['heading']!r}) is cut off")
         if state["images"]:
             walk.images[state["heading"] or state["indices"]] = (
                 state["images"])

@@ -9,9 +9,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BACKEND ?= auto
 PYTEST_ARGS ?=
+SERIES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system images run test test-fast bench lab slides \
+.PHONY: help setup system images run test test-fast test-browser bench \
+	lab slides \
 	mirror baseline clean distclean
 
 help: ## List the targets
@@ -21,7 +23,8 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' \
+		--config-settings editable_mode=compat
 	@touch $@
 
 system: ## Check (and as root install) QEMU, busybox and friends
@@ -33,7 +36,7 @@ images: setup ## Build the offline guest (kernel, initrd, rootfs)
 	$(PY) -m helpers.images
 
 run: setup ## Execute the whole series into build/ on the best backend
-	$(PY) -m helpers.series run --backend $(BACKEND)
+	$(PY) -m helpers.series run --backend $(BACKEND) $(SERIES_ARGS)
 
 test: setup ## Run every test: unit, VMs, networking, notebooks, browser
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -41,6 +44,9 @@ test: setup ## Run every test: unit, VMs, networking, notebooks, browser
 test-fast: setup ## Only the tests that boot nothing
 	$(PY) -m pytest -m "not vm and not notebook and not browser" \
 		$(PYTEST_ARGS)
+
+test-browser: setup ## Drive the slides and JupyterLab in Chromium
+	$(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 bench: setup images ## Print the emulator's and the harness's figures
 	$(PY) bench/emulator_bench.py
@@ -50,7 +56,7 @@ lab: setup ## Open JupyterLab on the notebooks with the project's kernel
 	$(PY) -m helpers.series lab
 
 slides: setup ## Execute the series and export reveal.js slides
-	$(PY) -m helpers.series slides --backend $(BACKEND)
+	$(PY) -m helpers.series slides --backend $(BACKEND) $(SERIES_ARGS)
 
 mirror: setup ## Serve artifacts and slides to a workshop room
 	$(PY) -m helpers.series mirror

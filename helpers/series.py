@@ -409,10 +409,15 @@ def pick_kernel() -> str:
     except NoSuchKernel:
         return FALLBACK_KERNEL
     program = spec.argv[0] if spec.argv else ""
-    if shutil.which(program) is None and not Path(program).is_file():
+    found = shutil.which(program) or program
+    # A kernel registered from another environment would run the series
+    # with other packages than the ones installed here: use ours instead.
+    # (Paths compared unresolved: a venv's python links to its base.)
+    same = os.path.abspath(found) == os.path.abspath(sys.executable)
+    if not same:
         log.warning(
-            "kernel %s points at missing %s; using %s (re-register it "
-            "with `python -m helpers.series kernel`)",
+            "kernel %s runs %s, not this interpreter; using %s (re-register "
+            "it with `python -m helpers.series kernel`)",
             KERNEL_NAME, program, FALLBACK_KERNEL,
         )
         return FALLBACK_KERNEL

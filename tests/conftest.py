@@ -6,8 +6,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from helpers.spec import SPEC_ENV, find_api_spec, load_api_spec
 
 # Process names of the VMMs the lab starts.
 VMM_NAMES = ("qemu-system-x86", "firecracker", "jailer")
@@ -15,6 +18,19 @@ VMM_NAMES = ("qemu-system-x86", "firecracker", "jailer")
 # A VMM whose parent just died is reparented and reaped within a second or
 # two; the final check waits this long before it calls anything a leak.
 REAP_GRACE_S = 5.0
+
+
+@pytest.fixture(scope="session")
+def api_spec() -> dict[str, Any]:
+    """The official API description, or a skip saying how to get one."""
+    path = find_api_spec()
+    if path is None:
+        pytest.skip(
+            f"no API description: set {SPEC_ENV} to "
+            "firecracker-api-v1.16.1.yaml, or fetch a release with "
+            "`python -m helpers.artifacts fetch --source official`"
+        )
+    return load_api_spec(path)
 
 
 def _vmm_pids() -> set[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 from unix_http_server import Received, UnixHttpServer
 
 from helpers.api import FirecrackerClient
@@ -70,14 +68,9 @@ SUBSET_BODIES = {("patch", "/machine-config")}
 
 
 @pytest.fixture(scope="module")
-def spec() -> Spec:
-    """The official API description named by FCLAB_API_SPEC."""
-    path = os.environ.get("FCLAB_API_SPEC")
-    if not path:
-        pytest.skip("FCLAB_API_SPEC is unset: it names the official "
-                    "Firecracker API description (Swagger 2.0 YAML)")
-    loaded: Spec = yaml.safe_load(Path(path).read_text())
-    return loaded
+def spec(api_spec: Spec) -> Spec:
+    """The official API description (see conftest.api_spec)."""
+    return api_spec
 
 
 def strict(definitions: dict[str, Any]) -> dict[str, Any]:

@@ -17,23 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from emulator_fixtures import Emulator, running
 
 from firecracker_emulator.api import ROUTES
 
-SPEC_ENV = "FCLAB_API_SPEC"
-
 
 @pytest.fixture(scope="module")
-def spec() -> dict[str, Any]:
-    """The API description, or a skip when its path is not given."""
-    path = os.environ.get(SPEC_ENV)
-    if not path:
-        pytest.skip(f"{SPEC_ENV} is not set: no API description to check")
-    with open(path) as handle:
-        loaded: dict[str, Any] = yaml.safe_load(handle)
-    return loaded
+def spec(api_spec: dict[str, Any]) -> dict[str, Any]:
+    """The official API description (see conftest.api_spec)."""
+    return api_spec
 
 
 @pytest.fixture()

@@ -223,6 +223,10 @@ class SeriesRun:
 
     out: Path
     runs: list[NotebookRun] = dataclasses.field(default_factory=list)
+    # Notebooks not run because the host lacks what they need, and why.
+    skipped: list[tuple[Path, str]] = dataclasses.field(
+        default_factory=list
+    )
 
     @property
     def seconds(self) -> float:
@@ -530,6 +534,46 @@ def execute_notebook(
     )
 
 
+def _net_admin() -> str | None:
+    """Why task networks cannot be made here, or None when they can."""
+    from helpers.net import NetPrivileges
+
+    missing = NetPrivileges.current().missing
+    if not missing:
+        return None
+    return (
+        f"needs {' and '.join(missing)} for network namespaces and TAP "
+        "devices: run the series as root (`sudo make run`)"
+    )
+
+
+# What a notebook may declare in its metadata (``fclab.requires``), each
+# with the check that says why the host cannot provide it.
+REQUIREMENTS: dict[str, Callable[[], str | None]] = {
+    "net-admin": _net_admin,
+}
+
+
+def unmet_requirements(
+    notebook: Path,
+    checks: Mapping[str, Callable[[], str | None]] | None = None,
+) -> str | None:
+    """Say why *notebook* cannot run on this host, or None if it can."""
+    checks = REQUIREMENTS if checks is None else checks
+    declared = _read(notebook).metadata.get("fclab", {}).get("requires", [])
+    reasons = []
+    for name in declared:
+        if name not in checks:
+            raise SeriesError(
+                f"{notebook.name} requires {name!r}, which the series does "
+                f"not know; known requirements: {', '.join(sorted(checks))}"
+            )
+        reason = checks[name]()
+        if reason:
+            reasons.append(reason)
+    return "; ".join(reasons) or None
+
+
 def run_series(
     notebooks: Sequence[Path],
     out: Path,
@@ -540,17 +584,24 @@ def run_series(
     cell_timeout: float | None = CELL_TIMEOUT_S,
     on_done: Callable[[NotebookRun], None] | None = None,
     series: SeriesRun | None = None,
+    checks: Mapping[str, Callable[[], str | None]] | None = None,
 ) -> SeriesRun:
     """Execute *notebooks* in order, stopping at the first failure.
 
     Each finished notebook is appended to *series* (pass your own to keep
     the finished ones when NotebookFailed propagates) and handed to
-    *on_done*.
+    *on_done*. A notebook whose declared requirements the host lacks is
+    skipped with the reason, not failed: the rest still runs.
     """
     plan = series_parameters(notebooks, backend, overrides or {}, quick)
     kernel = kernel or pick_kernel()
     series = series if series is not None else SeriesRun(out)
     for notebook in notebooks:
+        reason = unmet_requirements(notebook, checks)
+        if reason:
+            log.warning("skipping %s: %s", notebook.name, reason)
+            series.skipped.append((notebook, reason))
+            continue
         run = execute_notebook(
             notebook, out, plan[notebook], kernel, cell_timeout
         )
@@ -581,13 +632,16 @@ def timing_table(
         [r.notebook.name, f"{r.seconds:.1f}", "ok", str(r.recorded)]
         for r in series.runs
     ]
+    rows += [[nb.name, "-", "skipped", "-"] for nb, _ in series.skipped]
     total = series.seconds
     if failed is not None:
         rows.append([failed.notebook.name, f"{failed.seconds:.1f}",
                      "FAILED", "-"])
         total += failed.seconds
     rows.append(["total", f"{total:.1f}", "", ""])
-    return format_table(["notebook", "seconds", "status", "records"], rows)
+    table = format_table(["notebook", "seconds", "status", "records"], rows)
+    notes = [f"skipped {nb.name}: {why}" for nb, why in series.skipped]
+    return "\n".join([table, *notes])
 
 
 def _results(out: Path, suffixes: Sequence[str]) -> list[Path]:

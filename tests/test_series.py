@@ -213,6 +213,49 @@ def test_a_failing_notebook_stops_the_run_and_names_the_cell(
     assert not marker.exists()
 
 
+def _requiring(folder: Path, requirement: str) -> Path:
+    """A notebook in *folder* that declares one host requirement."""
+    nb = plain_notebook(folder / "02_needs.ipynb", "Needs", "1 + 1")
+    content = nbformat.read(nb, 4)
+    content.metadata["fclab"] = {"requires": [requirement]}
+    nbformat.write(content, nb)
+    return nb
+
+
+@pytest.mark.notebook
+def test_a_notebook_the_host_cannot_run_is_skipped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """The others still run; the table says which was skipped and why."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
+    _requiring(folder, "net-admin")
+    out = tmp_path / "build"
+    checks = {"net-admin": lambda: "needs CAP_NET_ADMIN: run as root"}
+
+    done = series.run_series(find_notebooks(folder), out, checks=checks)
+
+    assert [r.notebook.name for r in done.runs] == ["01_fine.ipynb"]
+    assert done.skipped == [
+        (folder / "02_needs.ipynb", "needs CAP_NET_ADMIN: run as root")]
+    assert not (out / "notebooks" / "02_needs.ipynb").exists()
+    table = series.timing_table(done)
+    assert re.search(r"02_needs\.ipynb\s+-\s+skipped", table)
+    assert "skipped 02_needs.ipynb: needs CAP_NET_ADMIN" in table
+
+
+def test_an_unknown_requirement_is_refused(tmp_path: Path) -> None:
+    nb = _requiring(tmp_path, "gpu")
+    with pytest.raises(series.SeriesError, match="known requirements"):
+        series.unmet_requirements(nb)
+
+
+def test_the_networking_notebook_declares_its_requirement() -> None:
+    nb = nbformat.read(series.NOTEBOOKS_DIR / "03_networking.ipynb", 4)
+    assert nb.metadata["fclab"]["requires"] == ["net-admin"]
+
+
 # --------------------------------------------------------------- slides
 
 

@@ -23,8 +23,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' \
-		--config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
 system: ## Check (and as root install) QEMU, busybox and friends

@@ -260,7 +260,7 @@ class MicroVM:
                 f"{TASK_ARG}={task}" if task else "")
             if part)
         self.backend = (backend if isinstance(backend, BackendChoice)
-                        else choose_backend(backend))
+                        else choose_backend(backend, kernel=self.kernel))
         self.rootfs_read_only = rootfs_read_only
         self.copy_rootfs = copy_rootfs and not rootfs_read_only
         self.interfaces = tuple(interfaces)

@@ -65,11 +65,6 @@ def _single_quoted(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def _drop_unset(fields: dict[str, Any]) -> dict[str, Any]:
-    """Return *fields* without the entries whose value is ``None``."""
-    return {key: value for key, value in fields.items() if value is not None}
-
-
 class ApiError(LabError):
     """A request the VMM answered with a status outside 2xx."""
 
@@ -282,6 +277,12 @@ class FirecrackerClient:
         return response if isinstance(response, str) else json.dumps(
             response)
 
+    def _send(self, method: str, path: str, **fields: Any) -> ApiCall:
+        """Send the *fields* that are set (not ``None``) as a JSON object."""
+        body = {key: value for key, value in fields.items()
+                if value is not None}
+        return self.request(method, path, body)
+
     def _get(self, path: str) -> dict[str, Any]:
         """GET *path* and return its JSON object."""
         response = self.request("GET", path).response
@@ -317,14 +318,11 @@ class FirecrackerClient:
         huge_pages: str | None = None,
     ) -> ApiCall:
         """PUT /machine-config : replace the machine configuration."""
-        body = _drop_unset({
-            "vcpu_count": vcpu_count,
-            "mem_size_mib": mem_size_mib,
-            "smt": smt,
-            "track_dirty_pages": track_dirty_pages,
-            "huge_pages": huge_pages,
-        })
-        return self.request("PUT", "/machine-config", body)
+        return self._send(
+            "PUT", "/machine-config",
+            vcpu_count=vcpu_count, mem_size_mib=mem_size_mib, smt=smt,
+            track_dirty_pages=track_dirty_pages, huge_pages=huge_pages,
+        )
 
     def patch_machine_config(
         self,
@@ -336,14 +334,11 @@ class FirecrackerClient:
         huge_pages: str | None = None,
     ) -> ApiCall:
         """PATCH /machine-config : change only the fields given."""
-        body = _drop_unset({
-            "vcpu_count": vcpu_count,
-            "mem_size_mib": mem_size_mib,
-            "smt": smt,
-            "track_dirty_pages": track_dirty_pages,
-            "huge_pages": huge_pages,
-        })
-        return self.request("PATCH", "/machine-config", body)
+        return self._send(
+            "PATCH", "/machine-config",
+            vcpu_count=vcpu_count, mem_size_mib=mem_size_mib, smt=smt,
+            track_dirty_pages=track_dirty_pages, huge_pages=huge_pages,
+        )
 
     def put_boot_source(
         self,
@@ -353,12 +348,11 @@ class FirecrackerClient:
         initrd_path: str | None = None,
     ) -> ApiCall:
         """PUT /boot-source : the kernel, its command line and initrd."""
-        body = _drop_unset({
-            "kernel_image_path": kernel_image_path,
-            "boot_args": boot_args,
-            "initrd_path": initrd_path,
-        })
-        return self.request("PUT", "/boot-source", body)
+        return self._send(
+            "PUT", "/boot-source",
+            kernel_image_path=kernel_image_path, boot_args=boot_args,
+            initrd_path=initrd_path,
+        )
 
     def put_drive(
         self,
@@ -371,15 +365,12 @@ class FirecrackerClient:
         io_engine: str | None = None,
     ) -> ApiCall:
         """PUT /drives/{drive_id} : attach a block device."""
-        body = _drop_unset({
-            "drive_id": drive_id,
-            "path_on_host": path_on_host,
-            "is_root_device": is_root_device,
-            "is_read_only": is_read_only,
-            "cache_type": cache_type,
-            "io_engine": io_engine,
-        })
-        return self.request("PUT", f"/drives/{drive_id}", body)
+        return self._send(
+            "PUT", f"/drives/{drive_id}",
+            drive_id=drive_id, path_on_host=path_on_host,
+            is_root_device=is_root_device, is_read_only=is_read_only,
+            cache_type=cache_type, io_engine=io_engine,
+        )
 
     def put_network_interface(
         self,
@@ -390,13 +381,11 @@ class FirecrackerClient:
         mtu: int | None = None,
     ) -> ApiCall:
         """PUT /network-interfaces/{iface_id} : attach a TAP device."""
-        body = _drop_unset({
-            "iface_id": iface_id,
-            "host_dev_name": host_dev_name,
-            "guest_mac": guest_mac,
-            "mtu": mtu,
-        })
-        return self.request("PUT", f"/network-interfaces/{iface_id}", body)
+        return self._send(
+            "PUT", f"/network-interfaces/{iface_id}",
+            iface_id=iface_id, host_dev_name=host_dev_name,
+            guest_mac=guest_mac, mtu=mtu,
+        )
 
     def put_logger(
         self,
@@ -408,24 +397,21 @@ class FirecrackerClient:
         module: str | None = None,
     ) -> ApiCall:
         """PUT /logger : where the VMM logs, and how much."""
-        body = _drop_unset({
-            "log_path": log_path,
-            "level": level,
-            "show_level": show_level,
-            "show_log_origin": show_log_origin,
-            "module": module,
-        })
-        return self.request("PUT", "/logger", body)
+        return self._send(
+            "PUT", "/logger",
+            log_path=log_path, level=level, show_level=show_level,
+            show_log_origin=show_log_origin, module=module,
+        )
 
     def put_metrics(self, metrics_path: str) -> ApiCall:
         """PUT /metrics : the file that receives JSON metrics lines."""
-        return self.request("PUT", "/metrics", {"metrics_path": metrics_path})
+        return self._send("PUT", "/metrics", metrics_path=metrics_path)
 
     # -- actions and post-boot calls ---------------------------------------
 
     def _action(self, action_type: str) -> ApiCall:
         """PUT /actions with the given ``action_type``."""
-        return self.request("PUT", "/actions", {"action_type": action_type})
+        return self._send("PUT", "/actions", action_type=action_type)
 
     def instance_start(self) -> ApiCall:
         """PUT /actions InstanceStart : boot the configured microVM."""
@@ -441,13 +427,13 @@ class FirecrackerClient:
 
     def patch_drive(self, drive_id: str, path_on_host: str) -> ApiCall:
         """PATCH /drives/{drive_id} : swap the backing file after boot."""
-        body = {"drive_id": drive_id, "path_on_host": path_on_host}
-        return self.request("PATCH", f"/drives/{drive_id}", body)
+        return self._send("PATCH", f"/drives/{drive_id}",
+                          drive_id=drive_id, path_on_host=path_on_host)
 
     def pause(self) -> ApiCall:
         """PATCH /vm Paused : stop the vCPUs."""
-        return self.request("PATCH", "/vm", {"state": "Paused"})
+        return self._send("PATCH", "/vm", state="Paused")
 
     def resume(self) -> ApiCall:
         """PATCH /vm Resumed : let the vCPUs run again."""
-        return self.request("PATCH", "/vm", {"state": "Resumed"})
+        return self._send("PATCH", "/vm", state="Resumed")

@@ -78,6 +78,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import requests
 from tqdm import tqdm as std_tqdm
 
+from helpers.cli import run_json_command
 from helpers.errors import LabError
 from helpers.paths import cache_dir
 
@@ -1482,27 +1483,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-url", help="releases page or mirror URL")
     parser.add_argument("--cache", type=Path, help="cache folder")
     parser.add_argument("--refresh", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command == "mirror" and args.dest is None:
-        parser.error("'mirror' needs a destination folder")
-    try:
+
+    def fetch(args: argparse.Namespace) -> dict[str, Any]:
+        """Fetch the artifacts; lay out the mirror when asked to."""
+        if args.command == "mirror" and args.dest is None:
+            parser.error("'mirror' needs a destination folder")
         artifacts = fetch_artifacts(
             args.source, version=args.version, base_url=args.base_url,
             cache=args.cache, refresh=args.refresh,
         )
         if args.command == "mirror":
             write_mirror(args.dest, artifacts)
-    except LabError as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(artifacts.as_dict(), indent=2))
-    return 0
+        return artifacts.as_dict()
+
+    return run_json_command(parser, argv, fetch, log)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import shutil
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import uuid
 import zlib
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers import guest
+from helpers.cli import run_json_command
 from helpers.errors import LabError
 from helpers.paths import cache_dir
 
@@ -1092,20 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache", type=Path, help="cache folder")
     parser.add_argument("--force", action="store_true", help="rebuild")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    return run_json_command(
+        parser, argv,
+        lambda args: build_guest(args.cache, force=args.force).as_dict(),
+        log,
     )
-    try:
-        images = build_guest(args.cache, force=args.force)
-    except LabError as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(images.as_dict(), indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from helpers.cli import configure_logging
 from helpers.errors import LabError
 from helpers.paths import REPO_ROOT, build_dir, cache_dir
 
@@ -1322,10 +1323,7 @@ def _lab_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m helpers.series``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     out = (getattr(args, "out", None) or build_dir()).resolve()
     try:
         if args.command == "run":

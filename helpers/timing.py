@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from helpers.cli import configure_logging
 from helpers.errors import LabError
 from helpers.paths import build_dir
 
@@ -1171,8 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"metric to compare (default {COMPARE_METRICS})")
     p_cmp.set_defaults(func=_cmd_compare)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO)
     try:
         return int(args.func(args))
     except LabError as exc:

@@ -452,6 +452,39 @@ def _monitor(path: Path, command: str) -> None:
             echoed += sock.recv(4096)
 
 
+def _qemu_command(
+    qemu_bin: str, machine: str, built: GuestImages, args: str
+) -> list[str]:
+    """QEMU booting *built* under TCG: one vCPU, 128 MiB, serial on stdio.
+
+    The caller appends the devices; ``-no-reboot`` turns the guest's
+    reboot into QEMU's exit.
+    """
+    return [
+        qemu_bin,
+        "-M",
+        machine,
+        "-accel",
+        "tcg",
+        "-m",
+        "128",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(built.kernel),
+        "-initrd",
+        str(built.initrd),
+        "-append",
+        args,
+        "-serial",
+        "stdio",
+    ]
+
+
 def _sha256(path: Path) -> str:
     """Return the hex SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -471,27 +504,7 @@ def test_microvm_boot_reports_ready_and_stops_on_ctrl_alt_del(
         f"{guest.TASK_ARG}=web-1"
     )
     qemu = [
-        qemu_bin,
-        "-M",
-        "microvm,acpi=on",
-        "-accel",
-        "tcg",
-        "-m",
-        "128",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-        str(built.kernel),
-        "-initrd",
-        str(built.initrd),
-        "-append",
-        args,
-        "-serial",
-        "stdio",
+        *_qemu_command(qemu_bin, "microvm,acpi=on", built, args),
         "-device",
         "i8042",
         "-drive",
@@ -531,27 +544,7 @@ def test_pc_boot_from_a_read_only_drive(
         f"{TCG_CLOCK_ARGS} fclab.console=raw"
     )
     qemu = [
-        qemu_bin,
-        "-M",
-        "pc",
-        "-accel",
-        "tcg",
-        "-m",
-        "128",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-kernel",
-        str(built.kernel),
-        "-initrd",
-        str(built.initrd),
-        "-append",
-        args,
-        "-serial",
-        "stdio",
+        *_qemu_command(qemu_bin, "pc", built, args),
         "-drive",
         f"id=root,file={built.rootfs},format=raw,if=none,readonly=on",
         "-device",

@@ -40,6 +40,11 @@ AFTER_BOOT = (
 BEFORE_BOOT = (
     "The requested operation is not supported before starting the microVM."
 )
+# Logged when a network rate limiter is set: it is kept, not applied.
+RATE_LIMITERS_WARNING = (
+    "Network rate limiters are recorded but not enforced by "
+    "firecracker-emulator."
+)
 
 # Seconds between the main loop's checks for signals and timed work.
 TICK = 0.25
@@ -180,10 +185,7 @@ class Vmm:
         elif name == "put_net":
             res.insert_net(body)
             if "rx_rate_limiter" in body or "tx_rate_limiter" in body:
-                log.warning(
-                    "Network rate limiters are recorded but not enforced "
-                    "by firecracker-emulator."
-                )
+                log.warning(RATE_LIMITERS_WARNING)
         elif name == "patch_drive":
             self._patch_drive(body)
         elif name == "patch_net":
@@ -191,10 +193,7 @@ class Vmm:
             for key in ("rx_rate_limiter", "tx_rate_limiter"):
                 if key in body:
                     setattr(net, key, body[key])
-            log.warning(
-                "Network rate limiters are recorded but not enforced by "
-                "firecracker-emulator."
-            )
+            log.warning(RATE_LIMITERS_WARNING)
         elif name == "put_logger":
             self._put_logger(body)
         elif name == "put_metrics":

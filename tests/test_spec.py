@@ -18,7 +18,9 @@ def _release_spec(cache: Path, version: str) -> Path:
     return path
 
 
-def test_variable_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_variable_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     named = tmp_path / "api.yaml"
     named.write_text("swagger: '2.0'\n")
     _release_spec(tmp_path, "1.16.1")

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from procfs import children_of, wait_gone
+
 # Seconds allowed for the socket to appear; generous, since a loaded CI
 # machine may start Python slowly. Waiting is not what the tests check.
 SOCKET_TIMEOUT = 30.0
@@ -62,41 +64,6 @@ def call(
         return resp.status, json.loads(payload) if payload else None
     finally:
         conn.close()
-
-
-def children_of(pid: int) -> list[int]:
-    """Return the pids whose parent is *pid* (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Tell whether *pid* exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
-    """Poll /proc until *pid* is gone; return whether it went."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return not alive(pid)
 
 
 class Emulator:
@@ -214,7 +181,6 @@ def running(workdir: Path, *extra: str, **kwargs: Any) -> Iterator[Emulator]:
     finally:
         qemus = emu.qemu_pids()
         emu.stop()
-        for pid in qemus:
-            wait_gone(pid)
+        wait_gone(qemus, EXIT_TIMEOUT)
         assert not emu.sock.exists(), "the emulator left its socket behind"
 

@@ -34,6 +34,7 @@ from browser_fixtures import (
     plot_notebook,
     watch,
 )
+from procfs import alive, children_of
 
 from helpers import series
 from helpers.paths import REPO_ROOT
@@ -267,31 +268,6 @@ def test_series_decks_step_through_offline(served: str) -> None:
 # ----------------------------------------------------------- JupyterLab
 
 
-def _children(pid: int) -> set[int]:
-    """PIDs whose parent is *pid* (kernels of a Jupyter server)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The parent PID is the second field after the ")" ending comm.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while *pid* exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _get(url: str) -> int:
     """HTTP status of GET *url* (0 when nothing answers)."""
     try:
@@ -456,10 +432,10 @@ def test_jupyterlab_renders_and_runs_the_first_cells(lab: Lab) -> None:
     assert outside == []
 
     # Shut down through the API, as the lab command's Ctrl-C would.
-    children = _children(lab.process.pid)
+    children = children_of(lab.process.pid)
     assert children, "the kernel should run as a child of the server"
     urllib.request.urlopen(urllib.request.Request(
         f"{lab.base}/api/shutdown?token={lab.token}", method="POST"),
         timeout=10).close()
     assert lab.process.wait(LAB_STOP_S) == 0, lab.log.read_text()[-3000:]
-    assert not [pid for pid in children if _alive(pid)]
+    assert not [pid for pid in children if alive(pid)]

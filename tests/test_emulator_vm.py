@@ -18,13 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from emulator_fixtures import (
-    Emulator,
-    alive,
-    children_of,
-    running,
-    wait_gone,
-)
+from emulator_fixtures import Emulator, running
+from procfs import alive, children_of, wait_gone
 
 from helpers.guest import READY_MARKER, mac_for_ip
 from helpers.images import GuestImages, build_guest
@@ -202,7 +197,7 @@ def test_ctrl_alt_del_ends_everything(booted: Booted) -> None:
     assert emu.call("PUT", "/actions", {
         "action_type": "SendCtrlAltDel"}) == (204, None)
     assert emu.wait(120) == 0
-    assert wait_gone(qemus[0])
+    assert wait_gone(qemus) == []
     assert not emu.sock.exists()
 
 
@@ -219,7 +214,7 @@ def test_sigkill_takes_qemu_down(
         assert len(qemus) == 1 and alive(qemus[0])
         emu.proc.send_signal(signal.SIGKILL)
         emu.proc.wait()
-        assert wait_gone(qemus[0]), "QEMU outlived its emulator"
+        assert wait_gone(qemus) == [], "QEMU outlived its emulator"
     finally:
         emu.stop()
         if emu.sock.exists():
@@ -246,8 +241,7 @@ def test_panicking_guest_ends_the_emulator(
         emu.wait_for("Kernel panic")
         qemus = children_of(emu.proc.pid)
         assert emu.wait(120) == 0
-        for pid in qemus:
-            assert wait_gone(pid)
+        assert wait_gone(qemus) == []
     finally:
         emu.stop()
 
@@ -322,5 +316,4 @@ def test_tap_carries_ping_both_ways(
         emu.type(f"ping -c 2 -W 5 {HOST_IP} && echo pong-$((2*3))\n")
         emu.wait_for("pong-6", 60)
         qemus = emu.qemu_pids()
-    for pid in qemus:
-        assert wait_gone(pid)
+    assert wait_gone(qemus) == []

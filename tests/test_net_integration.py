@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from procfs import wait_gone
 
 from helpers.images import GuestImages, build_guest
 from helpers.net import (
@@ -56,29 +56,6 @@ BOOT_TIMEOUT = 180.0
 
 # Seconds to wait for a killed process to disappear from /proc.
 GONE_TIMEOUT = 15.0
-
-
-def alive(pid: int, *, zombie_counts: bool) -> bool:
-    """True if *pid* is in /proc (as a zombie too, if *zombie_counts*)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return zombie_counts or stat.rsplit(")", 1)[1].split()[0] not in "ZX"
-
-
-def wait_gone(pids: list[int], *, reaped: bool = True) -> list[int]:
-    """Poll until every PID in *pids* has gone; return those still there.
-
-    With *reaped* a process counts as gone only once its parent (or init,
-    for an orphaned QEMU) has reaped it; otherwise once it has exited.
-    """
-    deadline = time.monotonic() + GONE_TIMEOUT
-    while True:
-        left = [p for p in pids if alive(p, zombie_counts=reaped)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
 
 
 def tap_exists_in(netns: str) -> bool:
@@ -148,7 +125,7 @@ def test_each_task_reaches_its_own_guest_and_no_other(
 
     # Cleanup after success: namespaces, TAPs and VMMs are gone.
     assert list_netns(PREFIX) == []
-    assert wait_gone(pids) == []
+    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == []
     assert subnet.in_use == {}
 
 
@@ -166,7 +143,7 @@ def test_an_exception_in_the_block_leaves_nothing(images: GuestImages) -> None:
         raise RuntimeError("failing on purpose inside the block")
     assert pids
     assert list_netns(PREFIX) == []
-    assert wait_gone(pids) == []
+    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == []
     assert subnet.in_use == {}
 
 
@@ -183,11 +160,12 @@ def test_a_killed_vmm_still_leaves_nothing(images: GuestImages) -> None:
             assert vmm in pids and len(pids) >= 2
             os.kill(vmm, signal.SIGKILL)
             # Exited; this process reaps it when the VM closes.
-            assert wait_gone([vmm], reaped=False) == []
+            assert wait_gone([vmm], GONE_TIMEOUT) == []
         assert ping(net.netns, net.guest_address, timeout=1).ok is False
     assert list_netns(PREFIX) == []
     assert not tap_exists_in(net.netns)
-    assert wait_gone(pids) == [], "a VMM or QEMU outlived its namespace"
+    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == [], (
+        "a VMM or QEMU outlived its namespace")
 
 
 class BrokenNetwork(TaskNetwork):

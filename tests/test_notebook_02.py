@@ -9,6 +9,7 @@ from typing import Any
 
 import nbformat
 import pytest
+from procfs import alive
 
 from helpers.errors import LabError
 from helpers.notebook import NoErrorRaised, expect_error, record
@@ -94,15 +95,6 @@ def test_notebook_is_committed_clean_with_slide_metadata() -> None:
 # -- the notebook, executed --------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """Whether *pid* is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the notebook once with papermill; return what it recorded."""
@@ -164,7 +156,7 @@ def test_nothing_is_left_behind(executed: dict[str, Any]) -> None:
     assert executed["exit_code"] == 0
     assert executed["leftovers"] == {
         "VMM running": False, "working directory exists": False}
-    assert not _alive(executed["vmm_pid"])
+    assert not alive(executed["vmm_pid"])
 
 
 @pytest.mark.notebook

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procfs import alive
 
 from helpers.backend import (
     BackendChoice,
@@ -49,15 +50,6 @@ def backend() -> BackendChoice:
 def fake_vmm(code: str) -> BackendChoice:
     """A backend running a Python snippet in place of the VMM."""
     return BackendChoice("emulator", (sys.executable, "-c", code), "test")
-
-
-def alive(pid: int) -> bool:
-    """Whether *pid* is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def assert_released(vm: MicroVM, pids: list[int]) -> None:

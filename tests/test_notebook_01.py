@@ -7,7 +7,6 @@ mirror served on loopback, built with write_mirror from the first.
 from __future__ import annotations
 
 import ast
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import nbformat
 import pytest
 from httpfixtures import LoopbackServer
+from notebook_runs import error_outputs, execute_recording
 
 from helpers.artifacts import Artifacts, fetch_artifacts, write_mirror
 from helpers.paths import REPO_ROOT
@@ -29,21 +29,8 @@ CELL_TIMEOUT_S = 600
 
 def _execute(out: Path, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run the notebook into *out*; return its record and executed copy."""
-    import papermill
-
-    recorded = out / "record.json"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FCLAB_RECORD", str(recorded))
-        env.setenv("FCLAB_BUILD", str(out))
-        env.setenv("PYTHONPATH", str(REPO_ROOT))
-        papermill.execute_notebook(
-            NOTEBOOK, out / NOTEBOOK.name, parameters=parameters,
-            kernel_name="python3", cwd=NOTEBOOK.parent,
-            progress_bar=False, execution_timeout=CELL_TIMEOUT_S,
-        )
-    data: dict[str, Any] = json.loads(recorded.read_text())
-    data["_executed"] = str(out / NOTEBOOK.name)
-    return data
+    return execute_recording(NOTEBOOK, out, parameters,
+                             cell_timeout=CELL_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +75,6 @@ def mirror_run(
         return _execute(out, {
             "SOURCE": "mirror", "MIRROR_URL": mirror.url, "PROGRESS": False,
         })
-
-
-def _errors(executed: str) -> list[str]:
-    """Error outputs of an executed copy."""
-    nb = nbformat.read(executed, as_version=4)
-    return [
-        f"{o.ename}: {o.evalue}" for c in nb.cells if c.cell_type == "code"
-        for o in c.outputs if o.output_type == "error"
-    ]
 
 
 def test_committed_clean_with_slide_metadata() -> None:
@@ -156,7 +134,7 @@ def test_local_run_mirror_demo(local_run: dict[str, Any]) -> None:
     assert "guest/vmlinux" in local_run["checksum_error"]
     assert local_run["files_left_after_mismatch"] == []
     assert local_run["demo_removed"] is True
-    assert _errors(local_run["_executed"]) == []
+    assert error_outputs(local_run["_executed"]) == []
 
 
 @pytest.mark.notebook
@@ -171,4 +149,4 @@ def test_mirror_run_matches_the_local_files(
     assert mirror_run["ext4_magic"] == "0xEF53"
     assert "/manifest.json" in mirror.paths
     assert "/guest/rootfs.ext4" in mirror.paths
-    assert _errors(mirror_run["_executed"]) == []
+    assert error_outputs(mirror_run["_executed"]) == []

@@ -9,6 +9,7 @@ from typing import Any
 
 import nbformat
 import pytest
+from notebook_runs import error_outputs, execute_recording
 from procfs import alive
 
 from helpers.errors import LabError
@@ -21,6 +22,9 @@ SLIDE_TYPES = {"slide", "subslide", "fragment", "skip", "notes"}
 # Small and patient: the fewest resources, time for QEMU without KVM.
 PARAMETERS = {"VCPUS": 1, "MEM_MIB": 128, "BOOT_TIMEOUT": 300,
               "COMMAND_TIMEOUT": 120}
+# Seconds one cell may run before the run counts as stuck: above the
+# notebook's own timeouts, so those fire first and say what hung.
+CELL_TIMEOUT_S = 900
 
 
 # -- the utilities ---------------------------------------------------------
@@ -98,21 +102,8 @@ def test_notebook_is_committed_clean_with_slide_metadata() -> None:
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the notebook once with papermill; return what it recorded."""
-    import papermill
-
-    out = tmp_path_factory.mktemp("nb02")
-    recorded = out / "record.json"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FCLAB_RECORD", str(recorded))
-        env.setenv("FCLAB_BUILD", str(out))
-        env.setenv("PYTHONPATH", str(REPO_ROOT))
-        papermill.execute_notebook(
-            NOTEBOOK, out / NOTEBOOK.name, parameters=PARAMETERS,
-            kernel_name="python3", cwd=NOTEBOOK.parent,
-            progress_bar=False, execution_timeout=900)
-    data: dict[str, Any] = json.loads(recorded.read_text())
-    data["_executed"] = str(out / NOTEBOOK.name)
-    return data
+    return execute_recording(NOTEBOOK, tmp_path_factory.mktemp("nb02"),
+                             PARAMETERS, cell_timeout=CELL_TIMEOUT_S)
 
 
 @pytest.mark.notebook
@@ -163,7 +154,4 @@ def test_nothing_is_left_behind(executed: dict[str, Any]) -> None:
 @pytest.mark.vm
 def test_executed_copy_has_no_errors(executed: dict[str, Any]) -> None:
     """Every cell ran without an error output."""
-    nb = nbformat.read(executed["_executed"], as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code"
-              for o in c.outputs if o.output_type == "error"]
-    assert errors == []
+    assert error_outputs(executed["_executed"]) == []

@@ -8,13 +8,13 @@ seen), and the two must agree.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pandas as pd
 import pytest
+from notebook_runs import execute_recording
 
 from helpers.paths import REPO_ROOT
 from helpers.series import declared_parameters
@@ -42,27 +42,9 @@ AGREEMENT_TOLERANCE_MS = 100.0
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run the notebook once; return the folder holding its outputs."""
-    papermill = pytest.importorskip("papermill")
+    pytest.importorskip("papermill")
     folder = tmp_path_factory.mktemp("nb04")
-    saved = {k: os.environ.get(k)
-             for k in ("FCLAB_BUILD", "FCLAB_RECORD", "PYTHONPATH")}
-    os.environ["FCLAB_BUILD"] = str(folder / "build")
-    os.environ["FCLAB_RECORD"] = str(folder / "record.json")
-    # The kernel must import helpers even without an installed project.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), saved["PYTHONPATH"]) if p)
-    try:
-        papermill.execute_notebook(
-            str(NOTEBOOK), str(folder / "04_boot_time.ipynb"),
-            parameters=PARAMETERS, cwd=str(NOTEBOOK.parent),
-            kernel_name="python3", progress_bar=False,
-        )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    execute_recording(NOTEBOOK, folder, PARAMETERS, build=folder / "build")
     return folder
 
 

@@ -187,6 +187,19 @@ def served(request: pytest.FixtureRequest) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def _open_index(page: Any, served: str) -> tuple[list[str], list[str]]:
+    """Open the index in *page*; return its links and a problems list.
+
+    The list (see ``watch``) keeps filling while the page stays open.
+    """
+    problems: list[str] = []
+    watch(page, problems)
+    page.goto(f"{served}/index.html")
+    links = page.eval_on_selector_all(
+        "li a", "links => links.map(a => a.getAttribute('href'))")
+    return links, problems
+
+
 @pytest.mark.parametrize("served", ["tiny_slides"], indirect=True)
 def test_tiny_deck_steps_through_offline_and_draws_the_plot(
     served: str,
@@ -194,11 +207,7 @@ def test_tiny_deck_steps_through_offline_and_draws_the_plot(
     """Index, then every slide by keyboard: no error, the plot drawn."""
     with chromium() as browser:
         page = browser.new_page()
-        problems: list[str] = []
-        watch(page, problems)
-        page.goto(f"{served}/index.html")
-        links = page.eval_on_selector_all(
-            "li a", "links => links.map(a => a.getAttribute('href'))")
+        links, problems = _open_index(page, served)
         assert links == ["01_tiny.slides.html", "02_plain.slides.html"]
         assert problems == []
 
@@ -243,12 +252,7 @@ def test_series_decks_step_through_offline(served: str) -> None:
     decks = sorted(p.name for p in REAL_SLIDES.glob("*.slides.html"))
     assert decks
     with chromium() as browser:
-        page = browser.new_page()
-        problems: list[str] = []
-        watch(page, problems)
-        page.goto(f"{served}/index.html")
-        links = page.eval_on_selector_all(
-            "li a", "links => links.map(a => a.getAttribute('href'))")
+        links, problems = _open_index(browser.new_page(), served)
         assert links == decks
         assert problems == []
         for deck in decks:

@@ -65,6 +65,14 @@ def tap_exists_in(netns: str) -> bool:
     return done.returncode == 0
 
 
+def assert_nothing_left(subnet: Subnet, pids: list[int]) -> None:
+    """No test namespace, no process of *pids*, no address of *subnet*."""
+    assert list_netns(PREFIX) == []
+    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == [], (
+        "a VMM or QEMU outlived its namespace")
+    assert subnet.in_use == {}
+
+
 @pytest.fixture(scope="module")
 def images() -> GuestImages:
     """The offline guest (built once, then cached)."""
@@ -124,9 +132,7 @@ def test_each_task_reaches_its_own_guest_and_no_other(
         assert pids, "the VMMs should run inside the task namespaces"
 
     # Cleanup after success: namespaces, TAPs and VMMs are gone.
-    assert list_netns(PREFIX) == []
-    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == []
-    assert subnet.in_use == {}
+    assert_nothing_left(subnet, pids)
 
 
 @pytest.mark.vm
@@ -142,9 +148,7 @@ def test_an_exception_in_the_block_leaves_nothing(images: GuestImages) -> None:
         assert tap_exists_in(net.netns)
         raise RuntimeError("failing on purpose inside the block")
     assert pids
-    assert list_netns(PREFIX) == []
-    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == []
-    assert subnet.in_use == {}
+    assert_nothing_left(subnet, pids)
 
 
 @pytest.mark.vm
@@ -162,10 +166,8 @@ def test_a_killed_vmm_still_leaves_nothing(images: GuestImages) -> None:
             # Exited; this process reaps it when the VM closes.
             assert wait_gone([vmm], GONE_TIMEOUT) == []
         assert ping(net.netns, net.guest_address, timeout=1).ok is False
-    assert list_netns(PREFIX) == []
     assert not tap_exists_in(net.netns)
-    assert wait_gone(pids, GONE_TIMEOUT, reaped=True) == [], (
-        "a VMM or QEMU outlived its namespace")
+    assert_nothing_left(subnet, pids)
 
 
 class BrokenNetwork(TaskNetwork):

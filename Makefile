@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SERIES_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system images run test test-fast test-browser bench \
+.PHONY: help setup system doctor images run test test-fast test-browser bench \
 	lab slides \
 	mirror baseline clean distclean
 
@@ -30,6 +30,9 @@ system: ## Check (and as root install) QEMU, busybox and friends
 	@bash .ci/system-packages
 
 setup: system $(STAMP) ## Prepare everything: system packages and .venv
+
+doctor: setup ## Check this host: tools, KVM, Firecracker, privileges
+	$(PY) -m helpers.doctor
 
 images: setup ## Build the offline guest (kernel, initrd, rootfs)
 	$(PY) -m helpers.images

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from procfs import alive
 
 from helpers import backend as backend_mod
 from helpers.backend import (
@@ -84,15 +85,6 @@ def calls(folder: Path) -> list[str]:
     """The runs the fake binary noted, one "<pid> <arguments>" each."""
     path = folder / "calls"
     return path.read_text().splitlines() if path.exists() else []
-
-
-def alive(pid: int) -> bool:
-    """Whether *pid* is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def group_members(pgid: int) -> list[int]:

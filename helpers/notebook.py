@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ RECORD_ENV = "FCLAB_RECORD"
 
 # Set by Jupyter to the notebook's path; names the default record file.
 SESSION_ENV = "JPY_SESSION_NAME"
+
+# Width the printed error is wrapped to: it still fits a slide's code
+# cell in reveal.js at its default size, indentation included.
+WRAP_COLUMNS = 72
 
 # Record files this process has started: the first write of a run
 # replaces the file, so keys from an earlier run never linger.
@@ -76,7 +81,14 @@ def expect_error(
         caught.error = exc
         print(f"Expected error ({type(exc).__name__}):")
         for line in str(exc).splitlines():
-            print(f"    {line}")
+            # Whole words only, so commands and paths stay copyable; a
+            # wrapped line keeps the indentation it started with.
+            lead = line[: len(line) - len(line.lstrip())]
+            print(textwrap.fill(
+                line, WRAP_COLUMNS, initial_indent="    ",
+                subsequent_indent="    " + lead, break_long_words=False,
+                break_on_hyphens=False,
+            ))
         return
     names = ", ".join(kind.__name__ for kind in wanted)
     raise NoErrorRaised(

@@ -43,6 +43,23 @@ def test_expect_error_catches_and_keeps_the_error(
     assert "> what to do" in caught._repr_markdown_()
 
 
+def test_expect_error_wraps_long_lines_at_word_boundaries(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A long message fits a slide; words, paths and indents survive."""
+    path = "/run/netns/" + "x" * 90
+    message = ("word " * 30).strip() + "\n  then run " + path
+    with expect_error(LabError):
+        raise LabError(message)
+
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert all(len(line) <= 72 or path in line for line in lines)
+    assert " ".join(w for line in lines for w in line.split()) == " ".join(
+        message.split())
+    assert any(line.strip() == path for line in lines)
+    assert lines[-2].startswith("      then run")
+
+
 def test_expect_error_lets_other_errors_through() -> None:
     """An error of another kind is a real failure."""
     with pytest.raises(KeyError), expect_error(LabError):

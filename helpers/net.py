@@ -31,6 +31,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,18 @@ class NamespaceBusyError(NetworkError):
 
 class HttpProbeError(NetworkError):
     """An HTTP request from inside a task's namespace got no answer."""
+
+    def __init__(self, url: str, netns: str, reason: str,
+                 detail: str = "") -> None:
+        self.url = url
+        self.netns = netns
+        self.reason = reason
+        # The HTTP library's own account, every wrapper included.
+        self.detail = detail or reason
+        super().__init__(
+            f"GET {url} from namespace {netns} failed: {reason}. "
+            "Is the guest up and its address inside this task's subnet?"
+        )
 
 
 # --------------------------------------------------------------- subnet
@@ -885,10 +898,9 @@ def http_get(netns: str, url: str, timeout: float = 5.0) -> tuple[int, str]:
             f"Check that namespace {netns} exists (ip netns list).",
         ) from None
     if "error" in answer:
-        raise HttpProbeError(
-            f"GET {url} from {netns} got no answer: {answer['error']}. "
-            "Is the guest up and its address inside this task's subnet?"
-        )
+        detail = str(answer.get("detail", ""))
+        log.debug("GET %s from %s failed: %s", url, netns, detail)
+        raise HttpProbeError(url, netns, str(answer["error"]), detail)
     return int(answer["status"]), str(answer["text"])
 
 
@@ -1031,14 +1043,62 @@ class Egress:
 # -------------------------------------------------- child-process entry
 
 
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """*exc* and what caused it, outermost first, innermost last.
+
+    Follows ``raise ... from`` and the exception being handled when the
+    next was raised; an error that only names its cause (urllib3's
+    ``reason``, or an exception among ``args``) is followed too.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not c for c in chain):
+        chain.append(current)
+        nested = [getattr(current, "reason", None), *current.args]
+        current = (current.__cause__ or current.__context__ or next(
+            (n for n in nested if isinstance(n, BaseException)), None))
+    return chain
+
+
+def failure_reason(exc: BaseException, timeout: float) -> str:
+    """The root cause of a failed request, in a few words.
+
+    ``Connection refused (errno 111)`` rather than the HTTP library's
+    pool, retry and connection wrappers around it; a timeout is told as
+    the *timeout* seconds that ran out.
+    """
+    import requests
+
+    chain = _cause_chain(exc)
+    for link in reversed(chain):
+        if isinstance(link, TimeoutError) and link.errno is None:
+            # A socket timeout: the seconds given to requests ran out.
+            stage = ("while connecting"
+                     if isinstance(exc, requests.ConnectTimeout)
+                     else "waiting for the answer")
+            return f"timed out after {timeout:g} s {stage}"
+        if isinstance(link, socket.gaierror):
+            return f"cannot resolve the host name ({link.strerror})"
+        if isinstance(link, OSError) and link.errno is not None:
+            words = link.strerror or os.strerror(link.errno)
+            return f"{words} (errno {link.errno})"
+    innermost = chain[-1]
+    return str(innermost) or type(innermost).__name__
+
+
 def _http_child(url: str, timeout: float) -> int:
-    """GET *url* and print ``{"status", "text"}`` or ``{"error"}`` JSON."""
+    """GET *url*; print ``{"status", "text"}`` or ``{"error", "detail"}``.
+
+    ``error`` is the root cause alone (see :func:`failure_reason`),
+    ``detail`` the full text of the exception ``requests`` raised.
+    """
     import requests
 
     try:
         response = requests.get(url, timeout=timeout)
     except requests.RequestException as exc:
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        print(json.dumps({"error": failure_reason(exc, timeout),
+                          "detail": f"{type(exc).__name__}: {exc}"}))
         return 2
     print(json.dumps({"status": response.status_code,
                       "text": response.text}))

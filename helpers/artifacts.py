@@ -136,6 +136,10 @@ CHECKSUMS_NAME = "checksums.json"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
+# Hex digits of a SHA-256 an error message shows (64 bits): enough to
+# tell two checksums apart by eye, short enough to fit a slide.
+DIGEST_SHOWN = 16
+
 # Where write_mirror puts the guest's files, relative to the mirror root.
 MIRROR_GUEST = {
     "kernel": "guest/vmlinux",
@@ -220,20 +224,42 @@ class DownloadError(ArtifactError):
 
 
 class ChecksumError(ArtifactError):
-    """A file's SHA-256 differs from the one published for it."""
+    """A file's SHA-256 differs from the one published for it.
 
-    def __init__(self, url: str, expected: str, actual: str) -> None:
-        """Name the file's origin and both checksums; say what to do."""
+    The message puts each fact on its own line so it reads on a slide:
+    the file, where it came from, the two checksums (shortened, see
+    :data:`DIGEST_SHOWN`; :attr:`expected` and :attr:`actual` keep them
+    whole), then what to do.
+    """
+
+    def __init__(self, url: str, expected: str, actual: str, *,
+                 name: str | None = None) -> None:
+        """Name the file and its origin *url*, both checksums, the remedy.
+
+        *name* is the file's name, by default the last part of *url*.
+        """
         self.url = url
+        self.name = name or PurePosixPath(urlsplit(url).path).name or url
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"SHA-256 mismatch for {url}: expected {expected}, got "
-            f"{actual}. The file was not kept. Fetch again; if it fails "
-            "again, the server holds a damaged or changed file: ask for "
-            "the mirror to be rebuilt (write_mirror), or use "
-            "source='local'."
-        )
+        shown = DIGEST_SHOWN
+        if expected[:shown].lower() == actual[:shown].lower():
+            # Alike in the shortened form: only the whole ones differ.
+            shown = max(len(expected), len(actual))
+        super().__init__("\n".join([
+            f"SHA-256 mismatch for {self.name}",
+            f"from {url}",
+            f"expected {_shorten(expected, shown)}",
+            f"got      {_shorten(actual, shown)}",
+            ("The file was not kept. Fetch again; if it fails again, the "
+             "server holds a damaged or changed file: ask for the mirror "
+             "to be rebuilt (write_mirror), or use source='local'."),
+        ]))
+
+
+def _shorten(digest: str, shown: int) -> str:
+    """The first *shown* characters of *digest*, and "…" if cut."""
+    return digest if len(digest) <= shown else f"{digest[:shown]}…"
 
 
 class UnsafeArchiveError(ArtifactError):
@@ -681,7 +707,8 @@ def verify_sums(folder: Path, origin: str) -> dict[str, str]:
             )
         actual = sha256_file(path)
         if actual != parts[0].lower():
-            raise ChecksumError(f"{origin} ({name})", parts[0], actual)
+            raise ChecksumError(origin, parts[0], actual,
+                                name=f"{name}, listed in the tarball's SHA256SUMS")
         found[PurePosixPath(*rel).as_posix()] = actual
     return found
 

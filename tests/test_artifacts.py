@@ -406,9 +406,38 @@ def test_checksum_mismatch_keeps_nothing(site: Site) -> None:
     with pytest.raises(ChecksumError) as caught:
         site.fetch()
     message = str(caught.value)
-    assert "0" * 64 in message and sha(site.tarball) in message
+    assert caught.value.expected == "0" * 64
+    assert caught.value.actual == sha(site.tarball)
+    assert "0" * 16 in message and sha(site.tarball)[:16] in message
     assert f"/download/v{VERSION}/{name}" in message
     assert site.files() == []
+
+
+def test_checksum_error_reads_one_fact_per_line() -> None:
+    """File, origin, the two shortened checksums, then the remedy."""
+    expected = "1a2b3c4d5e6f7a8b" + "0" * 48
+    actual = "9f8e7d6c5b4a3f2e" + "f" * 48
+    url = "http://127.0.0.1:8000/guest/vmlinux"
+    err = ChecksumError(url, expected, actual)
+    lines = str(err).splitlines()
+    assert lines[:4] == [
+        "SHA-256 mismatch for vmlinux",
+        f"from {url}",
+        "expected 1a2b3c4d5e6f7a8b…",
+        "got      9f8e7d6c5b4a3f2e…",
+    ]
+    assert lines[4].startswith("The file was not kept. Fetch again")
+    assert len(lines) == 5
+    assert (err.url, err.name, err.expected, err.actual) == (
+        url, "vmlinux", expected, actual)
+
+
+def test_checksums_alike_when_short_are_shown_whole() -> None:
+    """Two digests sharing their first 16 digits are not cut."""
+    expected, actual = "ab" * 32, "ab" * 31 + "cd"
+    lines = str(ChecksumError("/tmp/x.img", expected, actual)).splitlines()
+    assert lines[0] == "SHA-256 mismatch for x.img"
+    assert lines[2:4] == [f"expected {expected}", f"got      {actual}"]
 
 
 def test_inner_checksum_mismatch_keeps_no_release(site: Site) -> None:
@@ -418,8 +447,10 @@ def test_inner_checksum_mismatch_keeps_no_release(site: Site) -> None:
     tgz = make_tarball(members, f"release-v{VERSION}-{ARCH}", sums=sums)
     publish_release(site.server.root, VERSION, tgz)
 
-    with pytest.raises(ChecksumError, match="1" * 64):
+    with pytest.raises(ChecksumError) as caught:
         site.fetch()
+    assert caught.value.expected == "1" * 64
+    assert "SHA256SUMS" in str(caught.value)
     folder = site.cache / "artifacts/official" / f"v{VERSION}-{ARCH}"
     assert sorted(p.name for p in folder.iterdir()) == [
         f"firecracker-v{VERSION}-{ARCH}.tgz"

@@ -2,22 +2,30 @@
 
 Every function takes the DataFrame that helpers.timing.sweep returns and
 gives back a matplotlib Figure built without pyplot, so nothing global
-changes and a notebook shows the figure by ending a cell with it.
+changes and a notebook shows the figure by ending a cell with it. The
+figure shows itself as a PNG whose alternative text is its title, both
+in JupyterLab and on the exported slides.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.figure import Figure
 
 from helpers.paths import build_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     import pandas as pd
-    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +102,53 @@ def published_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _new_figure(ncols: float, nrows: float = 1) -> Figure:
-    """A Figure sized for *ncols* x *nrows* panels."""
-    from matplotlib.figure import Figure
+class LabFigure(Figure):
+    """A matplotlib Figure that a notebook shows with alternative text.
 
+    Ending a cell with it displays a PNG twice over: as ``image/png``
+    carrying ``alt`` in its metadata (the field Jupyter's classic HTML
+    template reads) and as ``text/html``, an ``<img>`` with ``alt`` set,
+    which JupyterLab and the reveal.js slides prefer and show. The text
+    is :attr:`alt_text`: the figure's title, else its panels' titles.
+    """
+
+    @property
+    def alt_text(self) -> str:
+        """The figure's title, or its panels' titles, on one line."""
+        titles = [self.get_suptitle()]
+        if not titles[0]:
+            titles = [ax.get_title() for ax in self.axes]
+        text = "; ".join(t for t in titles if t)
+        return " ".join(text.split()) or "figure"
+
+    def png_base64(self) -> str:
+        """The figure as a base64 PNG, trimmed as Jupyter trims figures."""
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight",
+                     facecolor=self.get_facecolor(),
+                     edgecolor=self.get_edgecolor())
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def _repr_mimebundle_(
+        self, include: Container[str] | None = None,
+        exclude: Container[str] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The PNG as ``image/png`` and as an ``<img>``, both with alt."""
+        png = self.png_base64()
+        alt = self.alt_text
+        data = {
+            "image/png": png,
+            "text/html": (f'<img src="data:image/png;base64,{png}" '
+                          f'alt="{html.escape(alt, quote=True)}">'),
+        }
+        return data, {"image/png": {"alt": alt}}
+
+
+def _new_figure(ncols: float, nrows: float = 1) -> LabFigure:
+    """A figure sized for *ncols* x *nrows* panels."""
     width, height = PANEL_SIZE
-    return Figure(figsize=(width * ncols, height * nrows),
-                  layout="constrained")
+    return LabFigure(figsize=(width * ncols, height * nrows),
+                     layout="constrained")
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,7 +178,7 @@ def _accel_note(df: pd.DataFrame) -> str:
     return f"{backend} ({accel})"
 
 
-def cdf(df: pd.DataFrame, metric: str = "boot_timer_ms") -> Figure:
+def cdf(df: pd.DataFrame, metric: str = "boot_timer_ms") -> LabFigure:
     """Empirical CDF of *metric*, one panel per configuration.
 
     Serial and parallel boots are drawn as two step curves on each panel.
@@ -181,7 +229,7 @@ def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=dict(PHASES))
 
 
-def time_breakdown(df: pd.DataFrame) -> Figure:
+def time_breakdown(df: pd.DataFrame) -> LabFigure:
     """Stacked bars of where a boot's time goes, median per phase.
 
     The four phases add up to launch -> ready: spawning the VMM until its
@@ -208,7 +256,7 @@ def time_breakdown(df: pd.DataFrame) -> Figure:
 
 def published_comparison(
     df: pd.DataFrame, vcpus: int = 1, mem_mib: int | None = None
-) -> Figure:
+) -> LabFigure:
     """Our p50/p99 next to the published ones, on a log scale.
 
     Ours are the boot timer and launch -> ready (the closest to the
@@ -263,7 +311,7 @@ def published_comparison(
     return fig
 
 
-def memory_cost(df: pd.DataFrame) -> Figure:
+def memory_cost(df: pd.DataFrame) -> LabFigure:
     """VMM resident memory after ready against the guest's memory size.
 
     The resident set holds the guest pages touched so far plus the VMM's

@@ -114,12 +114,13 @@ class LabFigure(Figure):
 
     @property
     def alt_text(self) -> str:
-        """The figure's title, or its panels' titles, on one line."""
+        """The figure's title, else its panels' titles, on one line."""
         titles = [self.get_suptitle()]
         if not titles[0]:
             titles = [ax.get_title() for ax in self.axes]
-        text = "; ".join(t for t in titles if t)
-        return " ".join(text.split()) or "figure"
+        lines = [" ".join(line.split()) for t in titles
+                 for line in t.splitlines()]
+        return "; ".join(line for line in lines if line) or "figure"
 
     def png_base64(self) -> str:
         """The figure as a base64 PNG, trimmed as Jupyter trims figures."""

@@ -707,8 +707,8 @@ def verify_sums(folder: Path, origin: str) -> dict[str, str]:
             )
         actual = sha256_file(path)
         if actual != parts[0].lower():
-            raise ChecksumError(origin, parts[0], actual,
-                                name=f"{name}, listed in the tarball's SHA256SUMS")
+            listed = f"{name}, listed in the tarball's SHA256SUMS"
+            raise ChecksumError(origin, parts[0], actual, name=listed)
         found[PurePosixPath(*rel).as_posix()] = actual
     return found
 

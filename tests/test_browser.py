@@ -1,8 +1,10 @@
 """The slides and JupyterLab, in headless Chromium, on loopback only.
 
-The decks are stepped through with the keyboard and must load nothing
-from outside their folder; JupyterLab must render a notebook and run its
-first cells from the keyboard, then shut down leaving no process behind.
+The decks are stepped through with the keyboard, must load nothing
+from outside their folder, and every slide, its fragments all shown,
+must fit the screen without scrolling either way. JupyterLab must
+render a notebook and run its first cells from the keyboard, then shut
+down leaving no process behind.
 Screenshots land in ``build/screenshots/``.
 """
 
@@ -28,11 +30,13 @@ import pytest
 from browser_fixtures import (
     CHROMIUM,
     PLOT_HEADING,
+    cell,
     chromium,
     free_port,
     plain_notebook,
     plot_notebook,
     watch,
+    write_notebook,
 )
 from procfs import alive, children_of
 
@@ -98,14 +102,88 @@ SLIDE_STATE = """() => {
             height: img.naturalHeight, shown: box.width * box.height,
             src: img.src.slice(0, 30)};
   });
-  return {indices: JSON.stringify(Reveal.getIndices()),
+  const at = Reveal.getIndices();
+  return {indices: JSON.stringify(at),
+          place: `${at.h}/${at.v || 0}`,
           heading: heading ? heading.textContent.trim() : "",
           text: slide.textContent,
-          // Taller than the slide and not scrolling: cut off on screen.
-          fits: slide.offsetHeight <= Reveal.getConfig().height + 1,
           images: images,
           done: Reveal.isLastSlide() && !Reveal.availableFragments().next};
 }"""
+
+# Whether the current slide, every fragment shown, fits the screen. The
+# decks cap a slide at the screen's height and let it scroll, so a slide
+# too tall is one whose scrollHeight exceeds its clientHeight. Sideways,
+# the slide and every element that clips or scrolls (a code cell, an
+# output) is too narrow when text or an image inside it reaches past its
+# client box: scrollWidth alone would also count a child's padding that
+# hides nothing. Sizes are in slide pixels (the deck is scaled to fit
+# the window); one pixel is rounding. The fragments are put back.
+SLIDE_FIT = """() => {
+  const at = Reveal.getIndices();
+  Reveal.slide(at.h, at.v, Infinity);
+  const slide = Reveal.getCurrentSlide();
+  const name = el => el === slide ? "the slide" : [
+    el.tagName.toLowerCase(), ...el.classList].join(".");
+  const clips = el => el === slide
+    || getComputedStyle(el).overflowX !== "visible";
+  // The right edge of what an element shows, in window pixels.
+  const shownRight = el => {
+    const box = el.getBoundingClientRect();
+    const scale = el.offsetWidth ? box.width / el.offsetWidth : 1;
+    return [box.left + (el.clientLeft + el.clientWidth) * scale, scale];
+  };
+  // The first element that clips *node* where it reaches *right*.
+  const beyond = new Map();
+  const reach = (node, right) => {
+    for (let el = node.parentElement; el; el = el.parentElement) {
+      if (clips(el)) {
+        const [edge, scale] = shownRight(el);
+        const px = Math.round((right - edge) / scale);
+        if (px > 1) {
+          beyond.set(el, Math.max(px, beyond.get(el) || 0));
+          return;
+        }
+      }
+      if (el === slide) return;
+    }
+  };
+  const texts = document.createTreeWalker(slide, NodeFilter.SHOW_TEXT);
+  const range = document.createRange();
+  for (let text = texts.nextNode(); text; text = texts.nextNode()) {
+    // Words only: spaces where a line wraps may hang past the edge.
+    for (const word of text.data.matchAll(/\\S+/g)) {
+      range.setStart(text, word.index);
+      range.setEnd(text, word.index + word[0].length);
+      for (const rect of range.getClientRects()) reach(text, rect.right);
+    }
+  }
+  for (const img of slide.querySelectorAll("img, svg, canvas, video")) {
+    reach(img, img.getBoundingClientRect().right);
+  }
+  const result = {shown: slide.querySelectorAll(".fragment.visible").length,
+                  fragments: slide.querySelectorAll(".fragment").length,
+                  tall: slide.scrollHeight - slide.clientHeight,
+                  wide: [...beyond].map(([el, px]) => [name(el), px])};
+  Reveal.slide(at.h, at.v, at.f);
+  result.back = JSON.stringify(Reveal.getIndices());
+  return result;
+}"""
+
+
+def fit_problems(page: Any, state: dict[str, Any]) -> list[str]:
+    """What does not fit on the current slide, all its fragments shown."""
+    fit = page.evaluate(SLIDE_FIT)
+    assert fit["shown"] == fit["fragments"], fit
+    assert fit["back"] == state["indices"], fit
+    place, heading = state["place"], state["heading"]
+    where = f"slide {place} ({heading!r})"
+    problems = [f"{where} is cut off: {fit['tall']} px too tall"
+                ] if fit["tall"] > 1 else []
+    problems += [f"{where} is cut off: its content reaches {px} px past "
+                 f"the right edge of {element}"
+                 for element, px in fit["wide"]]
+    return problems
 
 
 def walk_deck(page: Any, url: str, name: str, plot_words: str) -> Walk:
@@ -122,12 +200,13 @@ def walk_deck(page: Any, url: str, name: str, plot_words: str) -> Walk:
     # Screenshots of a slide halfway through a transition show two.
     page.evaluate("Reveal.configure({transition: 'none'})")
     page.screenshot(path=str(screenshots() / f"{name}-first.png"))
+    measured: set[str] = set()
     while walk.steps < MAX_STEPS:
         state = page.evaluate(SLIDE_STATE)
         walk.slides.add(state["indices"])
-        if not state["fits"]:
-            walk.problems.append(f"slide {state['indices']} "
-                                 f"({state['heading']!r}) is cut off")
+        if state["place"] not in measured:
+            measured.add(state["place"])
+            walk.problems += fit_problems(page, state)
         if state["images"]:
             walk.images[state["heading"] or state["indices"]] = (
                 state["images"])
@@ -227,6 +306,56 @@ def test_tiny_deck_steps_through_offline_and_draws_the_plot(
         assert plain.images == {}
 
 
+CROWDED_CELLS = (
+    ("markdown", "# Crowded\n\nEach slide below tests the fit check.",
+     "slide"),
+    ("markdown", "## Too tall\n\n" + "".join(
+        f"- point {i}\n" for i in range(1, 61)), "slide"),
+    ("markdown", "## Too wide", "slide"),
+    ("code", "x = " + " + ".join(f"value_{i}" for i in range(40)), "-"),
+    ("markdown", "## Fits, with fragments", "slide"),
+    ("markdown", "- first", "fragment"),
+    ("markdown", "- second", "fragment"),
+)
+
+
+@pytest.fixture(scope="module")
+def crowded_deck(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deck with a slide too tall and one too wide for the screen."""
+    if not shutil.which("npm") and not (
+        series.cache_dir() / "npm" / series._lock_digest()
+    ).is_dir():
+        pytest.skip("npm is not installed and reveal.js is not cached")
+    root = tmp_path_factory.mktemp("crowded-series")
+    (root / "notebooks").mkdir()
+    write_notebook(root / "notebooks" / "01_crowded.ipynb",
+                   [cell(*spec) for spec in CROWDED_CELLS])
+    code = series.main(["slides", "--no-execute", "--notebooks",
+                        str(root / "notebooks"), "--out",
+                        str(root / "build")])
+    assert code == 0
+    return root / "build" / series.SLIDES_SUBDIR
+
+
+@pytest.mark.parametrize("served", ["crowded_deck"], indirect=True)
+def test_the_fit_check_flags_slides_too_tall_or_too_wide(
+    served: str,
+) -> None:
+    """Only the overlong slide and the one with a long line are flagged."""
+    with chromium() as browser:
+        walk = walk_deck(browser.new_page(),
+                         f"{served}/01_crowded.slides.html", "crowded",
+                         "nothing")
+    tall = [p for p in walk.problems if "'Too tall'" in p]
+    wide = [p for p in walk.problems if "'Too wide'" in p]
+    assert len(tall) == 1 and "px too tall" in tall[0], walk.problems
+    assert len(wide) == 1 and "right edge of div.jp-" in wide[0], (
+        walk.problems)
+    assert sorted(walk.problems) == sorted(tall + wide)
+    # Title, the two crowded slides, and the last one's three states.
+    assert len(walk.slides) == 6
+
+
 def _real_slides() -> Path:
     """build/slides of the real series, built here when asked to."""
     if os.environ.get(FULL_ENV) == "1" and not (
@@ -251,22 +380,27 @@ def test_series_decks_step_through_offline(served: str) -> None:
     """Every deck of the series, every slide, nothing failing."""
     decks = sorted(p.name for p in REAL_SLIDES.glob("*.slides.html"))
     assert decks
+    walks: dict[str, Walk] = {}
     with chromium() as browser:
         links, problems = _open_index(browser.new_page(), served)
         assert links == decks
         assert problems == []
         for deck in decks:
             stem = deck.removesuffix(series.DECK_SUFFIX)
-            walk = walk_deck(browser.new_page(), f"{served}/{deck}", stem,
-                             "boot time")
-            assert walk.problems == [], deck
-            assert len(walk.slides) > 1, deck
-            assert_images_drawn(walk)
-            if "boot_time" in stem:
-                assert walk.images, f"{deck} shows no plot"
-                assert walk.plot_shot is not None, (
-                    f"no slide of {deck} with an image mentions 'boot "
-                    f"time': {list(walk.images)}")
+            walks[deck] = walk_deck(browser.new_page(), f"{served}/{deck}",
+                                    stem, "boot time")
+    # Every deck's problems at once, so one run lists them all.
+    found = [f"{deck}: {problem}" for deck, walk in walks.items()
+             for problem in walk.problems]
+    assert found == [], "\n".join(found)
+    for deck, walk in walks.items():
+        assert len(walk.slides) > 1, deck
+        assert_images_drawn(walk)
+        if "boot_time" in deck:
+            assert walk.images, f"{deck} shows no plot"
+            assert walk.plot_shot is not None, (
+                f"no slide of {deck} with an image mentions 'boot "
+                f"time': {list(walk.images)}")
 
 
 # ----------------------------------------------------------- JupyterLab
@@ -374,8 +508,8 @@ def _quick_cells(notebook: Path) -> int:
     """How many leading code cells are imports and parameters (max 2)."""
     code = [c for c in nbformat.read(notebook, 4).cells
             if c.cell_type == "code"]
-    for i, cell in enumerate(code[:2]):
-        if "parameters" in cell.metadata.get("tags", []):
+    for i, code_cell in enumerate(code[:2]):
+        if "parameters" in code_cell.metadata.get("tags", []):
             return i + 1
     return 1
 

@@ -483,6 +483,30 @@ def _describe_failure(
     )
 
 
+def _ipc_kernel_manager() -> type:
+    """A kernel manager that talks to its kernel over Unix sockets.
+
+    Over TCP (the default) every kernel warns that its traffic is not
+    encrypted; the series only ever runs kernels on this machine, so
+    Unix sockets in Jupyter's runtime folder say nothing and expose
+    nothing.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    class IpcKernelManager(AsyncKernelManager):  # type: ignore[misc]
+        """AsyncKernelManager with ``ipc`` transport in the runtime dir."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(parents=True, exist_ok=True)
+            self.transport = "ipc"
+            self.ip = str(runtime / f"fclab-{os.getpid()}-{id(self):x}")
+
+    return IpcKernelManager
+
+
 def execute_notebook(
     notebook: Path,
     out: Path,
@@ -524,6 +548,7 @@ def execute_notebook(
                 request_save_on_cell_execute=True,
                 execution_timeout=cell_timeout,
                 start_timeout=KERNEL_START_TIMEOUT_S,
+                kernel_manager_class=_ipc_kernel_manager(),
             )
     except Exception as exc:
         raise NotebookFailed(

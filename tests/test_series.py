@@ -213,6 +213,22 @@ def test_a_failing_notebook_stops_the_run_and_names_the_cell(
     assert not marker.exists()
 
 
+@pytest.mark.notebook
+def test_kernels_run_quietly_over_unix_sockets(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """No TCP transport, so no warning about unencrypted kernel traffic."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
+
+    series.run_series(find_notebooks(folder), tmp_path / "build")
+
+    err = capfd.readouterr().err
+    assert "without encryption" not in err
+    assert "Kernel is running over TCP" not in err
+
+
 def _requiring(folder: Path, requirement: str) -> Path:
     """A notebook in *folder* that declares one host requirement."""
     nb = plain_notebook(folder / "02_needs.ipynb", "Needs", "1 + 1")

@@ -44,6 +44,15 @@ needs_reveal = pytest.mark.skipif(
 
 
 @pytest.fixture
+def fine(tmp_path: Path) -> Path:
+    """A folder holding one notebook that runs: 01_fine.ipynb."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
+    return folder
+
+
+@pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     """Two throwaway notebooks: one with parameters and a plot."""
     folder = tmp_path / "notebooks"
@@ -177,13 +186,11 @@ def test_run_executes_each_notebook_with_its_parameters(
 
 @pytest.mark.notebook
 def test_a_failing_notebook_stops_the_run_and_names_the_cell(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The error names notebook, cell and error; later ones never run."""
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
+    folder = fine
     marker = tmp_path / "third-ran"
-    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
     nb = plain_notebook(folder / "02_broken.ipynb", "Broken", "x = 1")
     broken = nbformat.read(nb, 4)
     broken.cells.append(nbformat.v4.new_code_cell(
@@ -215,14 +222,10 @@ def test_a_failing_notebook_stops_the_run_and_names_the_cell(
 
 @pytest.mark.notebook
 def test_kernels_run_quietly_over_unix_sockets(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    fine: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """No TCP transport, so no warning about unencrypted kernel traffic."""
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
-
-    series.run_series(find_notebooks(folder), tmp_path / "build")
+    series.run_series(find_notebooks(fine), tmp_path / "build")
 
     err = capfd.readouterr().err
     assert "without encryption" not in err
@@ -240,12 +243,10 @@ def _requiring(folder: Path, requirement: str) -> Path:
 
 @pytest.mark.notebook
 def test_a_notebook_the_host_cannot_run_is_skipped_with_the_reason(
-    tmp_path: Path,
+    fine: Path, tmp_path: Path,
 ) -> None:
     """The others still run; the table says which was skipped and why."""
-    folder = tmp_path / "notebooks"
-    folder.mkdir()
-    plain_notebook(folder / "01_fine.ipynb", "Fine", "1 + 1")
+    folder = fine
     _requiring(folder, "net-admin")
     out = tmp_path / "build"
     checks = {"net-admin": lambda: "needs CAP_NET_ADMIN: run as root"}

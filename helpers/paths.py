@@ -7,6 +7,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Environment variable that moves the build folder (the series sets it).
+BUILD_ENV = "FCLAB_BUILD"
+
 
 def cache_dir() -> Path:
     """Directory for downloaded and built artifacts (created on demand).
@@ -26,7 +29,7 @@ def cache_dir() -> Path:
 
 def build_dir() -> Path:
     """Directory for executed notebooks, CSVs, figures and slides."""
-    env = os.environ.get("FCLAB_BUILD")
+    env = os.environ.get(BUILD_ENV)
     path = Path(env) if env else REPO_ROOT / "build"
     path.mkdir(parents=True, exist_ok=True)
     return path

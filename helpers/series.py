@@ -43,7 +43,8 @@ from urllib.parse import unquote, urlsplit
 
 from helpers.cli import configure_logging
 from helpers.errors import LabError
-from helpers.paths import REPO_ROOT, build_dir, cache_dir
+from helpers.notebook import RECORD_ENV
+from helpers.paths import BUILD_ENV, REPO_ROOT, build_dir, cache_dir
 
 if TYPE_CHECKING:
     import nbformat
@@ -76,9 +77,6 @@ KERNEL_DISPLAY_NAME = "Firecracker Lab"
 # What every notebook names in its metadata, so it runs anywhere.
 FALLBACK_KERNEL = "python3"
 
-# Environment variables the notebooks read.
-RECORD_ENV = "FCLAB_RECORD"
-BUILD_ENV = "FCLAB_BUILD"
 
 # The parameter every notebook that boots guests declares.
 BACKEND_PARAMETER = "BACKEND"

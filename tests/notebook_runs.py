@@ -10,7 +10,8 @@ from typing import Any
 import nbformat
 import pytest
 
-from helpers.paths import REPO_ROOT
+from helpers.notebook import RECORD_ENV
+from helpers.paths import BUILD_ENV, REPO_ROOT
 
 
 def execute_recording(
@@ -34,8 +35,8 @@ def execute_recording(
     recorded = out / "record.json"
     executed = out / notebook.name
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("FCLAB_RECORD", str(recorded))
-        env.setenv("FCLAB_BUILD", str(build or out))
+        env.setenv(RECORD_ENV, str(recorded))
+        env.setenv(BUILD_ENV, str(build or out))
         env.setenv("PYTHONPATH", str(REPO_ROOT), prepend=os.pathsep)
         papermill.execute_notebook(
             notebook, executed, parameters=parameters,
